@@ -1,0 +1,65 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tether-net/tether/internal/daemon"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// globalFlags are the flags every subcommand shares.
+type globalFlags struct {
+	logLevel  string
+	logFormat string
+	config    string
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globalFlags{}
+	root := &cobra.Command{
+		Use:   "tether",
+		Short: "Reach agents in isolated networks by their own IP addresses",
+		Long: `tether lets a central service reach agents inside isolated VPCs by the agents'
+own IP addresses. Agents hold reverse tunnels to a pool of proxy servers (ps);
+routes live in Redis; on client hosts an eBPF redirector rewrites connect()
+to the right proxy server, so unmodified applications keep dialing agent-ip:port.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	pf.StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
+	pf.StringVarP(&g.config, "config", "c", "", "YAML configuration file; its keys mirror the flags (flags win)")
+
+	root.AddCommand(
+		newVersionCmd(),
+	)
+	return root
+}
+
+// logger builds the logger for a command from the global flags.
+func (g *globalFlags) logger(cmd *cobra.Command) (*slog.Logger, error) {
+	return daemon.NewLogger(cmd.ErrOrStderr(), g.logLevel, g.logFormat)
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version of tether",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			v := version
+			if bi, ok := debug.ReadBuildInfo(); ok && v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+				v = bi.Main.Version
+			}
+			_, err := fmt.Fprintf(cmd.OutOrStdout(), "tether %s\n", v)
+			return err
+		},
+	}
+}

@@ -1,0 +1,8 @@
+// Package testutil owns the test helpers that touch real parts: a real
+// redis-server per test, the privilege probe, a fresh cgroup per test, and
+// small waiting helpers, so that no test sleeps blindly.
+//
+// Privileged tests call RequirePrivileged: it skips with a reason for a normal
+// user, but fails when TETHER_TEST_PRIVILEGED=1 (set by CI), so that nothing
+// skips silently there.
+package testutil
