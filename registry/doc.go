@@ -1,0 +1,40 @@
+// Package registry owns the Redis layout of routes, the proxy servers'
+// leases, the change feed, and the in-memory mirror that readers keep of it.
+// It is the only package that imports go-redis.
+//
+// # Model
+//
+// A route maps a target (an agent's ip:port) to up to one backend per proxy
+// server (PS): the port the PS listens on for that target and the agent that
+// exposes it. Leases are per PS: a PS renews one lease for itself, and every
+// backend it published lives exactly as long as that lease. A backend whose
+// PS lease has lapsed, or whose PS is draining, is not live; Get, List and
+// the Mirror never hand out a dead backend as live, even before anything
+// deletes it.
+//
+// # Key layout
+//
+// Every key shares the hash tag {P}, where P is Config.Prefix (default
+// "tether"), so the Lua scripts that touch several keys work on a single
+// server, under Sentinel and on a Cluster alike (all keys live in one slot).
+//
+//	{P}:ps:<ps_id>          HASH   addr, expires_ms, state (active|draining), renewed_ms
+//	{P}:pses                SET    ids of all PS nodes that have a ps key
+//	{P}:route:<ip:port>     HASH   field <ps_id> -> JSON {"port":N,"agent_id":"..."}
+//	{P}:targets             SET    every target that has at least one backend
+//	{P}:psroutes:<ps_id>    HASH   field <port> -> target: the PS's ports in use
+//	{P}:quarantine:<ps_id>  ZSET   member <port>, score = unix ms until it may be reused
+//	{P}:changes             STREAM entries {k: route|ps, id: <target>|<ps_id>},
+//	                               trimmed to about Config.StreamMaxLen entries
+//
+// A change entry says only which key changed; readers re-read that key, so
+// replaying an entry twice, or out of order with a snapshot, is harmless.
+//
+// # Readers
+//
+// A Mirror loads a full snapshot, follows the change stream from the
+// snapshot's cursor, expires backends locally when their PS lease lapses
+// (even while Redis is unreachable), and repairs itself with a full snapshot
+// every Resync. A reader whose cursor has been trimmed away, or that sees the
+// stream reset (a Redis that lost its data), reloads in full.
+package registry

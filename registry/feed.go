@@ -1,0 +1,195 @@
+package registry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// ChangeKind says which kind of key a change entry names.
+type ChangeKind string
+
+// Change kinds.
+const (
+	ChangeRoute ChangeKind = "route" // ID is a target ip:port
+	ChangePS    ChangeKind = "ps"    // ID is a PS id
+)
+
+// Change is one entry of the change feed.
+type Change struct {
+	Cursor string // the entry's stream id; resume after it
+	Kind   ChangeKind
+	ID     string
+}
+
+// emptyCursor is the position before the first entry ever written.
+const emptyCursor = "0-0"
+
+// lastID returns the id of the newest entry, or 0-0 for an empty stream.
+func (r *Registry) lastID(ctx context.Context) (string, error) {
+	info, err := r.rdb.XInfoStream(ctx, r.keys.changes()).Result()
+	if err != nil {
+		if isNoSuchKey(err) {
+			return emptyCursor, nil
+		}
+		return "", fmt.Errorf("read change feed position: %w", err)
+	}
+	return info.LastGeneratedID, nil
+}
+
+// ReadChanges returns up to count changes after cursor, blocking up to block
+// for the first one (0 returns at once). It returns ErrCursorLost when
+// entries after cursor were trimmed away or the stream was reset, so the
+// caller must take a fresh Snapshot.
+func (r *Registry) ReadChanges(ctx context.Context, cursor string, count int64, block time.Duration) ([]Change, error) {
+	if err := r.checkCursor(ctx, cursor); err != nil {
+		return nil, err
+	}
+	args := &redis.XReadArgs{Streams: []string{r.keys.changes(), cursor}, Count: count, Block: block}
+	if block <= 0 {
+		args.Block = -1 // go-redis: negative means no BLOCK argument
+	}
+	res, err := r.rdb.XRead(ctx, args).Result()
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read change feed: %w", err)
+	}
+	var out []Change
+	for _, s := range res {
+		for _, m := range s.Messages {
+			k, _ := m.Values["k"].(string)
+			id, _ := m.Values["id"].(string)
+			out = append(out, Change{Cursor: m.ID, Kind: ChangeKind(k), ID: id})
+		}
+	}
+	return out, nil
+}
+
+// checkCursor detects a feed that can no longer be followed from cursor:
+// the entry right after it was trimmed, or the stream's history is shorter
+// than the cursor (Redis lost its data, or a failover to a lagging replica).
+func (r *Registry) checkCursor(ctx context.Context, cursor string) error {
+	if cursor == "" {
+		return fmt.Errorf("%w: empty cursor", ErrCursorLost)
+	}
+	info, err := r.rdb.XInfoStream(ctx, r.keys.changes()).Result()
+	if err != nil {
+		if isNoSuchKey(err) {
+			if cursor == emptyCursor {
+				return nil
+			}
+			return fmt.Errorf("%w: change feed is gone (was at %s)", ErrCursorLost, cursor)
+		}
+		return fmt.Errorf("read change feed position: %w", err)
+	}
+	if compareIDs(cursor, info.LastGeneratedID) > 0 {
+		return fmt.Errorf("%w: cursor %s is past the feed's last entry %s", ErrCursorLost, cursor, info.LastGeneratedID)
+	}
+	// Entries only ever leave the stream by trimming, and Redis records the
+	// newest id it ever removed: if that is past the cursor, the reader has
+	// missed something.
+	if info.MaxDeletedEntryID != "" && compareIDs(info.MaxDeletedEntryID, cursor) > 0 {
+		return fmt.Errorf("%w: entries after %s were trimmed (up to %s)", ErrCursorLost, cursor, info.MaxDeletedEntryID)
+	}
+	return nil
+}
+
+func isNoSuchKey(err error) bool {
+	return err != nil && strings.Contains(strings.ToLower(err.Error()), "no such key")
+}
+
+// compareIDs compares two stream ids "ms-seq".
+func compareIDs(a, b string) int {
+	am, as := splitID(a)
+	bm, bs := splitID(b)
+	switch {
+	case am < bm:
+		return -1
+	case am > bm:
+		return 1
+	case as < bs:
+		return -1
+	case as > bs:
+		return 1
+	}
+	return 0
+}
+
+func splitID(id string) (uint64, uint64) {
+	ms, seq, _ := strings.Cut(id, "-")
+	m, _ := strconv.ParseUint(ms, 10, 64)
+	s, _ := strconv.ParseUint(seq, 10, 64)
+	return m, s
+}
+
+// Refresh re-reads the keys named by changes: the routes they name and the
+// leases of the PS nodes they name. Routes without any backend come back
+// with no backends (deleted). It is how a reader applies a batch of changes.
+func (r *Registry) Refresh(ctx context.Context, changes []Change) (routes []Route, leases map[string]PSLease, goneLeases []string, err error) {
+	var targets []string
+	var psIDs []string
+	seenT := map[string]bool{}
+	seenP := map[string]bool{}
+	for _, c := range changes {
+		switch c.Kind {
+		case ChangeRoute:
+			if !seenT[c.ID] {
+				seenT[c.ID] = true
+				targets = append(targets, c.ID)
+			}
+		case ChangePS:
+			if !seenP[c.ID] {
+				seenP[c.ID] = true
+				psIDs = append(psIDs, c.ID)
+			}
+		default:
+			r.log.Warn("ignoring change of unknown kind", "kind", truncate(string(c.Kind)), "id", truncate(c.ID))
+		}
+	}
+	leases, err = r.readLeases(ctx, psIDs)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	for _, id := range psIDs {
+		if _, ok := leases[id]; !ok {
+			goneLeases = append(goneLeases, id)
+		}
+	}
+	if len(targets) == 0 {
+		return nil, leases, goneLeases, nil
+	}
+	// Routes are joined with the leases the caller holds; here we only need
+	// the raw entries, so join with every lease we know now.
+	all, err := r.PSLeases(ctx)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	routes = make([]Route, 0, len(targets))
+	pipe := r.rdb.Pipeline()
+	cmds := make([]*redis.MapStringStringCmd, 0, len(targets))
+	parsed := make([]netip.AddrPort, 0, len(targets))
+	for _, t := range targets {
+		ap, err := netip.ParseAddrPort(t)
+		if err != nil {
+			r.log.Warn("ignoring change for malformed target", "target", truncate(t))
+			continue
+		}
+		parsed = append(parsed, ap)
+		cmds = append(cmds, pipe.HGetAll(ctx, r.keys.routeRaw(t)))
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, nil, nil, fmt.Errorf("refresh routes: %w", err)
+	}
+	for i, c := range cmds {
+		routes = append(routes, r.buildRoute(parsed[i], c.Val(), all))
+	}
+	return routes, leases, goneLeases, nil
+}
