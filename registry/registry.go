@@ -105,14 +105,14 @@ func (r *Registry) Ping(ctx context.Context) error {
 
 type keys struct{ p string }
 
-func (k keys) ps(id string) string          { return k.p + ":ps:" + id }
-func (k keys) pses() string                 { return k.p + ":pses" }
+func (k keys) ps(id string) string           { return k.p + ":ps:" + id }
+func (k keys) pses() string                  { return k.p + ":pses" }
 func (k keys) route(t netip.AddrPort) string { return k.p + ":route:" + t.String() }
-func (k keys) routeRaw(t string) string     { return k.p + ":route:" + t }
-func (k keys) targets() string              { return k.p + ":targets" }
-func (k keys) psroutes(id string) string    { return k.p + ":psroutes:" + id }
-func (k keys) quarantine(id string) string  { return k.p + ":quarantine:" + id }
-func (k keys) changes() string              { return k.p + ":changes" }
+func (k keys) routeRaw(t string) string      { return k.p + ":route:" + t }
+func (k keys) targets() string               { return k.p + ":targets" }
+func (k keys) psroutes(id string) string     { return k.p + ":psroutes:" + id }
+func (k keys) quarantine(id string) string   { return k.p + ":quarantine:" + id }
+func (k keys) changes() string               { return k.p + ":changes" }
 
 // ---- PS side ---------------------------------------------------------------
 
