@@ -567,10 +567,10 @@ func (r *Registry) buildRoute(target netip.AddrPort, raw map[string]string, leas
 			continue
 		}
 		l := leases[psID]
-		b := Backend{PSID: psID, AgentID: e.AgentID, ExpiresAt: l.ExpiresAt, Draining: l.State == PSDraining}
-		if l.Addr.IsValid() {
-			b.Address = netip.AddrPortFrom(l.Addr, e.Port)
-		}
+		// Without a lease the address is invalid but the port is kept, so a
+		// reader that learns the lease later still knows where to go.
+		b := Backend{PSID: psID, AgentID: e.AgentID, ExpiresAt: l.ExpiresAt, Draining: l.State == PSDraining,
+			Address: netip.AddrPortFrom(l.Addr, e.Port)}
 		rt.Backends = append(rt.Backends, b)
 	}
 	sort.Slice(rt.Backends, func(i, j int) bool { return rt.Backends[i].PSID < rt.Backends[j].PSID })

@@ -1,0 +1,470 @@
+package registry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// BackendState is a backend as a reader acts on it: where to connect, and
+// whether new connections may go there now.
+type BackendState struct {
+	PSID     string
+	Address  netip.AddrPort
+	AgentID  string
+	Live     bool
+	Draining bool
+}
+
+// RouteState is the desired state of one target. A RouteState without
+// backends means the target has no route any more.
+type RouteState struct {
+	Target   netip.AddrPort
+	Backends []BackendState
+}
+
+// Sink receives the desired state from a Mirror. Calls come from one
+// goroutine, in order.
+type Sink interface {
+	// Replace sets the complete desired state: every target not in routes
+	// must go. It is called after every full load.
+	Replace(ctx context.Context, routes []RouteState) error
+	// Update applies routes that changed; one without backends is deleted.
+	Update(ctx context.Context, routes []RouteState) error
+}
+
+// MirrorConfig configures a Mirror.
+type MirrorConfig struct {
+	Registry *Registry
+	// Sink, when set, receives every change of the desired state.
+	Sink Sink
+	// Resync is the anti-entropy period: a full snapshot is loaded this often
+	// even when the change feed looks healthy. Default 30s.
+	Resync time.Duration
+	// Logger; default slog.Default().
+	Logger *slog.Logger
+	// Metrics, when set, receives the mirror's metrics.
+	Metrics prometheus.Registerer
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// Mirror keeps an in-memory copy of the registry for a reader: full load,
+// then the change feed, local lease expiry, and periodic anti-entropy. It
+// serves lookups (Lookup) and pushes the desired state to a Sink.
+type Mirror struct {
+	cfg MirrorConfig
+	log *slog.Logger
+	now func() time.Time
+
+	mu      sync.RWMutex
+	entries map[netip.AddrPort]map[string]entry // target -> ps id -> entry
+	leases  map[string]PSLease
+	byPS    map[string]map[netip.AddrPort]struct{}
+	// seen is what the sink was last told about each PS's backends; only a
+	// change of it (not a mere renewal) makes the mirror touch that PS's routes.
+	seen map[string]psView
+
+	ready     chan struct{}
+	readyOnce sync.Once
+	metrics   mirrorMetrics
+}
+
+// psView is the part of a PS lease that changes what readers do.
+type psView struct {
+	addr     netip.Addr
+	live     bool
+	draining bool
+}
+
+type mirrorMetrics struct {
+	routes      prometheus.Gauge
+	fullLoads   prometheus.Counter
+	changes     prometheus.Counter
+	errors      *prometheus.CounterVec
+	lastLoadDur prometheus.Gauge
+	expired     prometheus.Counter
+}
+
+// NewMirror checks cfg and returns a Mirror; Run starts it.
+func NewMirror(cfg MirrorConfig) (*Mirror, error) {
+	if cfg.Registry == nil {
+		return nil, errors.New("mirror: a registry is required")
+	}
+	if cfg.Resync <= 0 {
+		cfg.Resync = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	m := &Mirror{
+		cfg: cfg, log: cfg.Logger, now: cfg.Now,
+		entries: map[netip.AddrPort]map[string]entry{},
+		leases:  map[string]PSLease{},
+		byPS:    map[string]map[netip.AddrPort]struct{}{},
+		seen:    map[string]psView{},
+		ready:   make(chan struct{}),
+	}
+	m.metrics = mirrorMetrics{
+		routes:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_mirror_routes", Help: "Targets known to the mirror."}),
+		fullLoads:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_mirror_full_loads_total", Help: "Full snapshots loaded (start, anti-entropy, lost cursor)."}),
+		changes:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_mirror_changes_total", Help: "Change feed entries applied."}),
+		errors:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_mirror_errors_total", Help: "Errors by operation."}, []string{"op"}),
+		lastLoadDur: prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_mirror_last_full_load_seconds", Help: "Duration of the last full load, sink included."}),
+		expired:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_mirror_lease_expiries_total", Help: "PS leases the mirror saw lapse locally."}),
+	}
+	if cfg.Metrics != nil {
+		for _, c := range []prometheus.Collector{m.metrics.routes, m.metrics.fullLoads, m.metrics.changes, m.metrics.errors, m.metrics.lastLoadDur, m.metrics.expired} {
+			if err := cfg.Metrics.Register(c); err != nil {
+				return nil, fmt.Errorf("register mirror metrics: %w", err)
+			}
+		}
+	}
+	return m, nil
+}
+
+// Ready is closed once the first full load has reached the sink.
+func (m *Mirror) Ready() <-chan struct{} { return m.ready }
+
+// Lookup returns the target's backends with their state at this moment
+// (a lapsed lease is dead here even before the mirror's timer fires), in a
+// stable order. ok is false when the target has no route.
+func (m *Mirror) Lookup(target netip.AddrPort) (backends []BackendState, ok bool) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	rs := m.viewLocked(target, m.now())
+	return rs.Backends, len(rs.Backends) > 0
+}
+
+// Len returns the number of targets with at least one backend.
+func (m *Mirror) Len() int {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return len(m.entries)
+}
+
+// message is what the feed reader hands to the applying loop.
+type message struct {
+	snapshot *Snapshot
+	routes   []Route
+	leases   map[string]PSLease
+	gone     []string
+	changes  int
+	started  time.Time
+}
+
+// Run loads, follows and repairs the mirror until ctx ends. Redis being
+// unreachable is not an error: the mirror keeps serving what it has,
+// expires leases locally, and catches up when Redis answers again.
+func (m *Mirror) Run(ctx context.Context) error {
+	msgs := make(chan message)
+	readerDone := make(chan struct{})
+	go func() {
+		defer close(readerDone)
+		m.follow(ctx, msgs)
+	}()
+	defer func() { <-readerDone }()
+
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case msg := <-msgs:
+			if err := m.apply(ctx, msg); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				m.metrics.errors.WithLabelValues("sink").Inc()
+				m.log.Error("applying registry state failed; the next full load repairs it", "err", err)
+			}
+		case <-timer.C:
+			if err := m.expire(ctx); err != nil && ctx.Err() == nil {
+				m.metrics.errors.WithLabelValues("sink").Inc()
+				m.log.Error("marking lapsed leases dead failed", "err", err)
+			}
+		}
+		timer.Reset(m.nextExpiry())
+	}
+}
+
+// follow reads the registry: a snapshot, then the change feed, a new
+// snapshot every Resync or when the feed cannot be followed. It never
+// returns before ctx ends.
+func (m *Mirror) follow(ctx context.Context, msgs chan<- message) {
+	reg := m.cfg.Registry
+	var cursor string
+	var lastFull time.Time
+	backoff := 100 * time.Millisecond
+	failed := func(op string, err error) {
+		m.metrics.errors.WithLabelValues(op).Inc()
+		m.log.Warn("registry unreachable, serving the last known routes", "op", op, "err", err, "retry_in", backoff)
+		sleep(ctx, backoff)
+		backoff = min(backoff*2, 5*time.Second)
+	}
+	for ctx.Err() == nil {
+		if cursor == "" || m.now().Sub(lastFull) >= m.cfg.Resync {
+			start := m.now()
+			snap, err := reg.Snapshot(ctx)
+			if err != nil {
+				failed("snapshot", err)
+				continue
+			}
+			if !send(ctx, msgs, message{snapshot: &snap, started: start}) {
+				return
+			}
+			cursor, lastFull, backoff = snap.Cursor, m.now(), 100*time.Millisecond
+			continue
+		}
+		wait := min(time.Second, m.cfg.Resync-m.now().Sub(lastFull))
+		changes, err := reg.ReadChanges(ctx, cursor, 1000, max(wait, time.Millisecond))
+		if errors.Is(err, ErrCursorLost) {
+			m.log.Info("change feed cursor lost, loading a full snapshot", "reason", err)
+			cursor = ""
+			continue
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			failed("read_changes", err)
+			continue
+		}
+		if len(changes) == 0 {
+			continue
+		}
+		routes, leases, gone, err := reg.Refresh(ctx, changes)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			failed("refresh", err)
+			continue
+		}
+		if !send(ctx, msgs, message{routes: routes, leases: leases, gone: gone, changes: len(changes)}) {
+			return
+		}
+		cursor, backoff = changes[len(changes)-1].Cursor, 100*time.Millisecond
+	}
+}
+
+func send(ctx context.Context, ch chan<- message, msg message) bool {
+	select {
+	case ch <- msg:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	// Jitter keeps many readers from hammering a Redis that just came back
+	// all in the same instant.
+	d = d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+// apply folds a message into the state and tells the sink what changed.
+func (m *Mirror) apply(ctx context.Context, msg message) error {
+	now := m.now()
+	if msg.snapshot != nil {
+		m.mu.Lock()
+		m.entries = map[netip.AddrPort]map[string]entry{}
+		m.byPS = map[string]map[netip.AddrPort]struct{}{}
+		m.leases = map[string]PSLease{}
+		for id, l := range msg.snapshot.Leases {
+			m.leases[id] = l
+		}
+		for _, rt := range msg.snapshot.Routes {
+			m.setRouteLocked(rt)
+		}
+		m.seen = map[string]psView{}
+		for id, l := range m.leases {
+			m.seen[id] = viewOf(l, now)
+		}
+		all := make([]RouteState, 0, len(m.entries))
+		for t := range m.entries {
+			all = append(all, m.viewLocked(t, now))
+		}
+		m.metrics.routes.Set(float64(len(m.entries)))
+		m.mu.Unlock()
+		m.metrics.fullLoads.Inc()
+		if m.cfg.Sink != nil {
+			if err := m.cfg.Sink.Replace(ctx, all); err != nil {
+				return fmt.Errorf("replace %d routes: %w", len(all), err)
+			}
+		}
+		m.metrics.lastLoadDur.Set(m.now().Sub(msg.started).Seconds())
+		m.readyOnce.Do(func() { close(m.ready) })
+		return nil
+	}
+
+	m.mu.Lock()
+	affected := map[netip.AddrPort]struct{}{}
+	for _, rt := range msg.routes {
+		m.setRouteLocked(rt)
+		affected[rt.Target] = struct{}{}
+	}
+	for id, l := range msg.leases {
+		m.leases[id] = l
+	}
+	for _, id := range msg.gone {
+		delete(m.leases, id)
+	}
+	m.collectLeaseChangesLocked(now, affected)
+	out := m.viewsLocked(affected, now)
+	m.metrics.routes.Set(float64(len(m.entries)))
+	m.mu.Unlock()
+	m.metrics.changes.Add(float64(msg.changes))
+	if m.cfg.Sink != nil && len(out) > 0 {
+		if err := m.cfg.Sink.Update(ctx, out); err != nil {
+			return fmt.Errorf("update %d routes: %w", len(out), err)
+		}
+	}
+	return nil
+}
+
+// expire marks the backends of leases that lapsed since the last look.
+func (m *Mirror) expire(ctx context.Context) error {
+	now := m.now()
+	m.mu.Lock()
+	affected := map[netip.AddrPort]struct{}{}
+	n := m.collectLeaseChangesLocked(now, affected)
+	out := m.viewsLocked(affected, now)
+	m.mu.Unlock()
+	if n > 0 {
+		m.metrics.expired.Add(float64(n))
+		m.log.Info("ps leases lapsed, their backends are dead", "ps_nodes", n, "routes", len(out))
+	}
+	if m.cfg.Sink != nil && len(out) > 0 {
+		return m.cfg.Sink.Update(ctx, out)
+	}
+	return nil
+}
+
+// collectLeaseChangesLocked compares every PS's view with what the sink
+// last saw, adds the targets of those that changed to affected, and returns
+// how many PS nodes went from live to dead.
+func (m *Mirror) collectLeaseChangesLocked(now time.Time, affected map[netip.AddrPort]struct{}) int {
+	died := 0
+	ids := map[string]struct{}{}
+	for id := range m.seen {
+		ids[id] = struct{}{}
+	}
+	for id := range m.leases {
+		ids[id] = struct{}{}
+	}
+	for id := range ids {
+		l, ok := m.leases[id]
+		var v psView
+		if ok {
+			v = viewOf(l, now)
+		}
+		old, had := m.seen[id]
+		if had && old == v {
+			continue
+		}
+		if had && old.live && !v.live {
+			died++
+		}
+		if ok {
+			m.seen[id] = v
+		} else {
+			delete(m.seen, id)
+		}
+		for t := range m.byPS[id] {
+			affected[t] = struct{}{}
+		}
+	}
+	return died
+}
+
+// nextExpiry is how long until the earliest live lease lapses.
+func (m *Mirror) nextExpiry() time.Duration {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	now := m.now()
+	next := time.Minute
+	for _, l := range m.leases {
+		if l.Live(now) {
+			// A few ms late is better than waking just before the edge.
+			if d := l.ExpiresAt.Sub(now) + 5*time.Millisecond; d < next {
+				next = d
+			}
+		}
+	}
+	return next
+}
+
+func viewOf(l PSLease, now time.Time) psView {
+	return psView{addr: l.Addr, live: l.Live(now), draining: l.State == PSDraining}
+}
+
+// setRouteLocked replaces the entries of rt.Target with rt's backends.
+func (m *Mirror) setRouteLocked(rt Route) {
+	for ps := range m.entries[rt.Target] {
+		if set := m.byPS[ps]; set != nil {
+			delete(set, rt.Target)
+			if len(set) == 0 {
+				delete(m.byPS, ps)
+			}
+		}
+	}
+	if len(rt.Backends) == 0 {
+		delete(m.entries, rt.Target)
+		return
+	}
+	es := make(map[string]entry, len(rt.Backends))
+	for _, b := range rt.Backends {
+		es[b.PSID] = entry{Port: b.Address.Port(), AgentID: b.AgentID}
+		if m.byPS[b.PSID] == nil {
+			m.byPS[b.PSID] = map[netip.AddrPort]struct{}{}
+		}
+		m.byPS[b.PSID][rt.Target] = struct{}{}
+	}
+	m.entries[rt.Target] = es
+}
+
+func (m *Mirror) viewsLocked(targets map[netip.AddrPort]struct{}, now time.Time) []RouteState {
+	out := make([]RouteState, 0, len(targets))
+	for t := range targets {
+		out = append(out, m.viewLocked(t, now))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Target.Compare(out[j].Target) < 0 })
+	return out
+}
+
+// viewLocked joins a target's entries with the leases. Backends whose PS
+// has no lease (so no address) are left out: there is nowhere to send to.
+func (m *Mirror) viewLocked(target netip.AddrPort, now time.Time) RouteState {
+	rs := RouteState{Target: target}
+	for ps, e := range m.entries[target] {
+		l, ok := m.leases[ps]
+		if !ok || e.Port == 0 {
+			continue
+		}
+		rs.Backends = append(rs.Backends, BackendState{
+			PSID: ps, Address: netip.AddrPortFrom(l.Addr, e.Port), AgentID: e.AgentID,
+			Live: l.Live(now), Draining: l.State == PSDraining,
+		})
+	}
+	sort.Slice(rs.Backends, func(i, j int) bool { return rs.Backends[i].PSID < rs.Backends[j].PSID })
+	return rs
+}
