@@ -62,6 +62,12 @@ func (r *Registry) ReadChanges(ctx context.Context, cursor string, count int64, 
 	if err != nil {
 		return nil, fmt.Errorf("read change feed: %w", err)
 	}
+	// Trimming may have happened while XREAD was blocked, after the check
+	// above: check again now that entries arrived, or the reader would
+	// silently skip what was trimmed between its cursor and them.
+	if err := r.checkCursor(ctx, cursor); err != nil {
+		return nil, err
+	}
 	var out []Change
 	for _, s := range res {
 		for _, m := range s.Messages {
@@ -93,11 +99,17 @@ func (r *Registry) checkCursor(ctx context.Context, cursor string) error {
 	if compareIDs(cursor, info.LastGeneratedID) > 0 {
 		return fmt.Errorf("%w: cursor %s is past the feed's last entry %s", ErrCursorLost, cursor, info.LastGeneratedID)
 	}
-	// Entries only ever leave the stream by trimming, and Redis records the
-	// newest id it ever removed: if that is past the cursor, the reader has
-	// missed something.
+	// Entries only leave the stream by trimming (or an operator's XDEL). If
+	// the oldest entry kept is newer than the cursor and anything was ever
+	// removed, entries after the cursor may be gone: resync. (A cursor whose
+	// own entry was trimmed while everything after it was kept is caught
+	// too; the cost of that false alarm is one full load.)
+	trimmed := info.EntriesAdded > info.Length
+	if info.Length > 0 && trimmed && compareIDs(info.FirstEntry.ID, cursor) > 0 {
+		return fmt.Errorf("%w: entries after %s were trimmed (oldest kept is %s)", ErrCursorLost, cursor, info.FirstEntry.ID)
+	}
 	if info.MaxDeletedEntryID != "" && compareIDs(info.MaxDeletedEntryID, cursor) > 0 {
-		return fmt.Errorf("%w: entries after %s were trimmed (up to %s)", ErrCursorLost, cursor, info.MaxDeletedEntryID)
+		return fmt.Errorf("%w: entries after %s were deleted (up to %s)", ErrCursorLost, cursor, info.MaxDeletedEntryID)
 	}
 	return nil
 }

@@ -63,6 +63,7 @@ func New(cfg Config) (*Registry, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	quietRedis()
 	var rdb redis.UniversalClient
 	switch {
 	case cfg.URL != "" && len(cfg.Addrs) > 0:
