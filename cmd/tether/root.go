@@ -39,6 +39,7 @@ to the right proxy server, so unmodified applications keep dialing agent-ip:port
 
 	root.AddCommand(
 		newVersionCmd(),
+		newRoutesCmd(g),
 	)
 	return root
 }
