@@ -1,0 +1,48 @@
+# tether — build, test, benchmark and demo. `make help` lists the targets.
+SHELL := /bin/bash
+export PATH := $(PATH):/usr/local/go/bin
+GO ?= go
+BIN := bin/tether
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# Privileged tests fail instead of skipping when this is 1 (CI sets it).
+TETHER_TEST_PRIVILEGED ?= $(if $(filter 0,$(shell id -u)),1,0)
+export TETHER_TEST_PRIVILEGED
+
+.PHONY: help build test test-unit bench demo generate check-generated lint setup clean
+
+help: ## list targets
+	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+build: ## build bin/tether
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/tether
+
+setup: ## install what a fresh machine lacks (as root)
+	bash scripts/setup.sh
+
+test: ## unit, integration and end-to-end tests (root runs the privileged ones)
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 20m ./...
+
+test-unit: ## only the tests that need no root
+	TETHER_TEST_PRIVILEGED=0 $(GO) test -count=1 -short ./...
+
+bench: build ## benchmarks, as ratios against a baseline measured in the same run
+	$(GO) run ./test/bench/tunnel
+	@if [ -d test/bench/redirector ]; then $(GO) run ./test/bench/redirector; fi
+	@if [ -d test/bench/proxy ]; then $(GO) run ./test/bench/proxy; fi
+
+demo: setup build ## the whole system in a simulated company network
+	$(GO) run ./scripts/demo --tether $(CURDIR)/$(BIN)
+
+generate: ## rebuild the eBPF objects and Go bindings (needs clang)
+	$(GO) generate ./bpf/...
+
+check-generated: generate ## fail when the committed eBPF objects are stale
+	@if [ -n "$$(git status --porcelain -- bpf/)" ]; then git status --short -- bpf/; echo "generated BPF objects are stale: run make generate and commit" >&2; exit 1; fi
+
+lint: ## gofmt and go vet
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change: $$out" >&2; exit 1; fi
+	$(GO) vet ./...
+
+clean:
+	rm -rf bin
