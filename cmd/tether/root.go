@@ -40,6 +40,8 @@ to the right proxy server, so unmodified applications keep dialing agent-ip:port
 	root.AddCommand(
 		newVersionCmd(),
 		newRoutesCmd(g),
+		newPSCmd(g),
+		newAgentCmd(g),
 	)
 	return root
 }

@@ -1,0 +1,56 @@
+package main
+
+import (
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tether-net/tether/internal/cliconfig"
+	"github.com/tether-net/tether/internal/daemon"
+	"github.com/tether-net/tether/tunnel"
+)
+
+func newPSCmd(g *globalFlags) *cobra.Command {
+	cfg := tunnel.DefaultPSConfig()
+	cmd := &cobra.Command{
+		Use:   "ps --listen ADDR --advertise IP --ports LO-HI --redis URL --id ID",
+		Short: "Run a proxy server: accept agents' tunnels and carry clients' connections to them",
+		Long: `ps accepts agents' tunnels. For every endpoint an agent exposes it allocates a
+port from --ports, listens on --advertise:port, publishes the route in Redis
+under a lease it keeps renewing, and carries each connection to that port over
+the agent's tunnel. Released ports are quarantined before reuse.
+
+On SIGTERM it drains: marks itself draining, withdraws its routes, stops
+accepting, waits up to --drain-timeout for connections in flight, then exits.
+
+Agents authenticate with a token: --token-file holds one per line, each
+optionally followed by the comma-separated CIDRs that token may expose
+(without a file, the env TETHER_TOKEN holds a single token).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := cliconfig.Resolve(cmd.Flags(), g.config, &cfg); err != nil {
+				return err
+			}
+			if err := cfg.Validate(); err != nil {
+				return err
+			}
+			log, err := g.logger(cmd)
+			if err != nil {
+				return err
+			}
+			reg := daemon.NewRegistry()
+			cfg.Logger = log
+			cfg.Registerer = reg
+			ps, err := tunnel.New(cfg)
+			if err != nil {
+				return err
+			}
+			defer ps.Close()
+			eg, ctx := errgroup.WithContext(cmd.Context())
+			eg.Go(func() error { return daemon.ServeMetrics(ctx, cfg.Metrics, reg, log, nil) })
+			eg.Go(func() error { return ps.Run(ctx) })
+			return eg.Wait()
+		},
+	}
+	cliconfig.Bind(cmd.Flags(), &cfg)
+	return cmd
+}

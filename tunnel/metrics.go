@@ -1,0 +1,58 @@
+package tunnel
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// psMetrics are the PS's Prometheus metrics.
+type psMetrics struct {
+	tunnels          prometheus.Gauge
+	handshakes       *prometheus.CounterVec
+	endpoints        prometheus.Gauge
+	streamsOpen      prometheus.Gauge
+	streams          prometheus.Counter
+	streamErrors     *prometheus.CounterVec
+	bytesToAgent     prometheus.Counter
+	bytesFromAgent   prometheus.Counter
+	portsAllocated   prometheus.Gauge
+	portsQuarantined prometheus.Gauge
+	renewErrors      prometheus.Counter
+	clientsRejected  prometheus.Counter
+}
+
+func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
+	bytes := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tether_ps_bytes_total", Help: "Bytes carried through tunnels, by direction.",
+	}, []string{"direction"})
+	m := &psMetrics{
+		tunnels: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_ps_tunnels", Help: "Agent tunnels currently established."}),
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_ps_handshakes_total", Help: "Tunnel handshakes, by result (ok or the refusal code)."},
+			[]string{"result"}),
+		endpoints: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_ps_endpoints", Help: "Endpoints currently exposed through this PS."}),
+		streamsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_ps_streams_open", Help: "Client connections currently carried."}),
+		streams: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_ps_streams_total", Help: "Client connections accepted for a tunnel."}),
+		streamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_ps_stream_errors_total", Help: "Client connections that could not be carried, by reason."},
+			[]string{"reason"}),
+		bytesToAgent:   bytes.WithLabelValues("to_agent"),
+		bytesFromAgent: bytes.WithLabelValues("from_agent"),
+		portsAllocated: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_ps_ports_allocated", Help: "Ports of the range in use."}),
+		portsQuarantined: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_ps_ports_quarantined", Help: "Ports of the range waiting out their quarantine."}),
+		renewErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_ps_lease_renew_errors_total", Help: "Failed renewals of this PS's lease."}),
+		clientsRejected: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_ps_clients_rejected_total", Help: "Client connections closed because their source is outside --allow-clients."}),
+	}
+	for _, c := range []prometheus.Collector{m.tunnels, m.handshakes, m.endpoints, m.streamsOpen, m.streams,
+		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}

@@ -1,0 +1,399 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tether-net/tether/internal/cliconfig"
+	"github.com/tether-net/tether/registry"
+)
+
+// TokenEnv is the environment variable holding the token when no token
+// file is given (a token is never a flag value).
+const TokenEnv = "TETHER_TOKEN"
+
+// PSConfig configures a PS node.
+type PSConfig struct {
+	ID           string   `yaml:"id" flag:"id" usage:"this PS's id, unique in the pool"`
+	Listen       string   `yaml:"listen" flag:"listen" usage:"address to accept agents' tunnels on"`
+	Advertise    string   `yaml:"advertise" flag:"advertise" usage:"IP clients reach this PS at; data ports listen on it"`
+	Ports        string   `yaml:"ports" flag:"ports" usage:"range of data ports, LO-HI"`
+	Redis        string   `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
+	TokenFile    string   `yaml:"token-file" flag:"token-file" usage:"file of agent tokens, one per line, each optionally followed by the CIDRs it may expose (else env TETHER_TOKEN)"`
+	AllowClients []string `yaml:"allow-clients" flag:"allow-clients" usage:"CIDRs allowed to connect to data ports (empty = any)"`
+	AgentCIDRs   []string `yaml:"agent-cidrs" flag:"agent-cidrs" usage:"CIDRs agents may expose endpoints in (empty = any)"`
+	Metrics      string   `yaml:"metrics" flag:"metrics" usage:"address to serve /metrics and /healthz on (empty = off)"`
+	TLSCert      string   `yaml:"tls-cert" flag:"tls-cert" usage:"PEM certificate of the tunnel listener (enables TLS)"`
+	TLSKey       string   `yaml:"tls-key" flag:"tls-key" usage:"PEM private key of --tls-cert"`
+	TLSCA        string   `yaml:"tls-ca" flag:"tls-ca" usage:"PEM CA bundle; when set, agents must present a client certificate it signed"`
+
+	Lease            time.Duration `yaml:"lease" flag:"lease" usage:"lease of this PS's routes in the registry"`
+	Renew            time.Duration `yaml:"renew" flag:"renew" usage:"how often the lease is renewed"`
+	Quarantine       time.Duration `yaml:"quarantine" flag:"quarantine" usage:"how long a released port stays unused (> lease + readers' resync)"`
+	DrainTimeout     time.Duration `yaml:"drain-timeout" flag:"drain-timeout" usage:"how long a drain waits for in-flight connections"`
+	HandshakeTimeout time.Duration `yaml:"handshake-timeout" flag:"handshake-timeout" usage:"deadline of an agent's handshake"`
+	MaxHandshakes    int           `yaml:"max-handshakes" flag:"max-handshakes" usage:"handshakes in progress at once; more are refused as busy"`
+	HandshakeRate    float64       `yaml:"handshake-rate" flag:"handshake-rate" usage:"new handshakes per second (burst = max-handshakes); 0 = unbounded"`
+	StreamWindow     int           `yaml:"stream-window" flag:"stream-window" usage:"yamux receive window per stream, bytes"`
+	Resync           time.Duration `yaml:"resync" flag:"resync" usage:"how often the PS checks its routes in the registry and repairs them"`
+
+	// Logger, Registerer and Now are set by code, not by flags.
+	Logger     *slog.Logger          `yaml:"-"`
+	Registerer prometheus.Registerer `yaml:"-"`
+	// Registry, when set, is used instead of connecting to Redis; the PS
+	// does not close it.
+	Registry *registry.Registry `yaml:"-"`
+	// DataPlane, when set, replaces the per-port listeners. Its handler is
+	// the PS's HandleConn.
+	DataPlane func(h ConnHandler) DataPlane `yaml:"-"`
+}
+
+// DefaultPSConfig returns the defaults.
+func DefaultPSConfig() PSConfig {
+	return PSConfig{
+		Listen:           ":7000",
+		Ports:            "20000-29999",
+		Redis:            "redis://127.0.0.1:6379/0",
+		Lease:            5 * time.Second,
+		Renew:            time.Second,
+		Quarantine:       120 * time.Second,
+		DrainTimeout:     15 * time.Second,
+		HandshakeTimeout: 10 * time.Second,
+		MaxHandshakes:    64,
+		HandshakeRate:    500,
+		StreamWindow:     DefaultStreamWindow,
+		Resync:           10 * time.Second,
+	}
+}
+
+// Validate checks the configuration and names what is wrong.
+func (c *PSConfig) Validate() error {
+	var errs []error
+	if err := ValidID(c.ID); err != nil {
+		errs = append(errs, fmt.Errorf("--id: %w", err))
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("--listen %q: %w", c.Listen, err))
+	}
+	if a, err := netip.ParseAddr(c.Advertise); err != nil || a.IsUnspecified() {
+		errs = append(errs, fmt.Errorf("--advertise %q: want the IP clients reach this PS at", c.Advertise))
+	}
+	if _, err := ParsePortRange(c.Ports); err != nil {
+		errs = append(errs, fmt.Errorf("--ports: %w", err))
+	}
+	if c.Redis == "" && c.Registry == nil {
+		errs = append(errs, errors.New("--redis is required"))
+	}
+	if _, err := cliconfig.ParseCIDRs(c.AllowClients); err != nil {
+		errs = append(errs, fmt.Errorf("--allow-clients: %w", err))
+	}
+	if _, err := cliconfig.ParseCIDRs(c.AgentCIDRs); err != nil {
+		errs = append(errs, fmt.Errorf("--agent-cidrs: %w", err))
+	}
+	if c.Lease <= 0 || c.Renew <= 0 || c.Renew*2 > c.Lease {
+		errs = append(errs, fmt.Errorf("--renew %v and --lease %v: want 0 < 2*renew <= lease", c.Renew, c.Lease))
+	}
+	if c.Quarantine <= c.Lease {
+		errs = append(errs, fmt.Errorf("--quarantine %v must exceed --lease %v (plus readers' resync)", c.Quarantine, c.Lease))
+	}
+	if c.DrainTimeout < 0 || c.HandshakeTimeout <= 0 || c.Resync <= 0 {
+		errs = append(errs, errors.New("--drain-timeout, --handshake-timeout and --resync must be positive"))
+	}
+	if c.MaxHandshakes <= 0 || c.HandshakeRate < 0 {
+		errs = append(errs, errors.New("--max-handshakes must be positive and --handshake-rate not negative"))
+	}
+	if c.StreamWindow < 256<<10 || c.StreamWindow > 1<<30 {
+		errs = append(errs, fmt.Errorf("--stream-window %d: want 256 KiB to 1 GiB", c.StreamWindow))
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") || (c.TLSCA != "" && c.TLSCert == "") {
+		errs = append(errs, errors.New("--tls-cert and --tls-key go together, and --tls-ca needs them"))
+	}
+	return errors.Join(errs...)
+}
+
+// PS is a proxy server node: it accepts agents' tunnels, listens on a port
+// per exposed endpoint, carries each client connection over the owning
+// agent's tunnel, and keeps the registry's view of its routes alive.
+type PS struct {
+	cfg       PSConfig
+	log       *slog.Logger
+	reg       *registry.Registry
+	ownReg    bool
+	tls       *tls.Config
+	auth      *authorizer
+	gate      *gate
+	alloc     *portAllocator
+	plane     DataPlane
+	m         *psMetrics
+	advertise netip.Addr
+	allow     []netip.Prefix
+	agentNets []netip.Prefix
+	window    uint32
+
+	lnMu sync.Mutex
+	ln   net.Listener
+	addr chan net.Addr // receives the bound tunnel address once
+
+	mu       sync.Mutex
+	agents   map[string]*agentSlot
+	sessions map[*psSession]struct{}
+	nextSess uint64
+
+	bmu      sync.RWMutex
+	bindings map[uint16]*binding
+
+	draining atomic.Bool
+	inflight atomic.Int64 // client connections being carried
+	conns    atomic.Int64 // goroutines serving tunnels and handshakes
+	closed   chan struct{}
+	refusing atomic.Int32 // goroutines answering "busy"
+}
+
+// New builds a PS from cfg. It does not listen yet: Run does.
+func New(cfg PSConfig) (*PS, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+	log := cfg.Logger.With("ps_id", cfg.ID)
+	pr, _ := ParsePortRange(cfg.Ports)
+	allow, _ := cliconfig.ParseCIDRs(cfg.AllowClients)
+	agentNets, _ := cliconfig.ParseCIDRs(cfg.AgentCIDRs)
+	tlsCfg, err := ServerTLSConfig(TLSFiles{Cert: cfg.TLSCert, Key: cfg.TLSKey, CA: cfg.TLSCA})
+	if err != nil {
+		return nil, err
+	}
+	auth, err := loadTokens(cfg.TokenFile, TokenEnv)
+	if err != nil {
+		return nil, err
+	}
+	m, err := newPSMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
+	p := &PS{
+		cfg: cfg, log: log, tls: tlsCfg, auth: auth, m: m,
+		gate:      newGate(cfg.MaxHandshakes, cfg.HandshakeRate, cfg.MaxHandshakes, nil),
+		alloc:     newPortAllocator(pr, nil),
+		advertise: netip.MustParseAddr(cfg.Advertise),
+		allow:     allow, agentNets: agentNets,
+		window:   uint32(cfg.StreamWindow),
+		addr:     make(chan net.Addr, 1),
+		agents:   map[string]*agentSlot{},
+		sessions: map[*psSession]struct{}{},
+		bindings: map[uint16]*binding{},
+		closed:   make(chan struct{}),
+	}
+	if cfg.DataPlane != nil {
+		p.plane = cfg.DataPlane(p.HandleConn)
+	} else {
+		p.plane = newListenerPlane(p.advertise, p.HandleConn, log)
+	}
+	p.reg = cfg.Registry
+	if p.reg == nil {
+		p.reg, err = registry.New(registry.Config{URL: cfg.Redis, Logger: log})
+		if err != nil {
+			return nil, err
+		}
+		p.ownReg = true
+	}
+	return p, nil
+}
+
+// Addr returns the address the tunnel listener is bound to, waiting for
+// Run to bind it or ctx to end.
+func (p *PS) Addr(ctx context.Context) (net.Addr, error) {
+	select {
+	case a := <-p.addr:
+		p.addr <- a
+		return a, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Run cleans up what an earlier run of this PS left in the registry,
+// accepts tunnels, and keeps the lease until ctx ends; then it drains
+// (withdraws routes, stops accepting, waits for in-flight connections) and
+// returns.
+func (p *PS) Run(ctx context.Context) error {
+	if p.auth.open() {
+		p.log.Warn("no token configured (--token-file or " + TokenEnv + "): any agent may connect")
+	}
+	if err := p.start(ctx); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", p.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen for tunnels on %s: %w", p.cfg.Listen, err)
+	}
+	p.lnMu.Lock()
+	p.ln = ln
+	p.lnMu.Unlock()
+	p.addr <- ln.Addr()
+	p.log.Info("ps running", "listen", ln.Addr().String(), "advertise", p.advertise.String(),
+		"ports", p.cfg.Ports, "tls", p.tls != nil, "client_certs", p.cfg.TLSCA != "")
+
+	loops, lctx := errgroup.WithContext(ctx)
+	loops.Go(func() error { return p.acceptTunnels(ln) })
+	loops.Go(func() error { p.renewLoop(lctx); return nil })
+	loops.Go(func() error { p.collectLoop(lctx); return nil })
+	loops.Go(func() error { p.resyncLoop(lctx); return nil })
+	loops.Go(func() error {
+		<-lctx.Done()
+		p.drain()
+		return nil
+	})
+	err = loops.Wait()
+	if errors.Is(err, net.ErrClosed) {
+		err = nil
+	}
+	return err
+}
+
+// start renews the lease and removes the leftovers of an earlier run of
+// this PS id, quarantining their ports, before anything is published.
+func (p *PS) start(ctx context.Context) error {
+	var err error
+	for attempt := 0; ; attempt++ {
+		if err = p.renew(ctx, registry.PSActive); err == nil {
+			break
+		}
+		if attempt == 0 {
+			p.log.Warn("registry unreachable at start, retrying", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("start: %w", err)
+		case <-time.After(p.cfg.Renew):
+		}
+	}
+	until := time.Now().Add(p.cfg.Quarantine)
+	ports, err := p.reg.WithdrawAll(ctx, p.cfg.ID, until)
+	if err != nil {
+		return fmt.Errorf("start: clean leftovers: %w", err)
+	}
+	if len(ports) > 0 {
+		p.log.Info("withdrew leftovers of an earlier run", "ports", len(ports), "quarantine_until", until.Format(time.RFC3339))
+	}
+	q, err := p.reg.Quarantined(ctx, p.cfg.ID)
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	p.alloc.quarantineUntil(q)
+	return nil
+}
+
+func (p *PS) acceptTunnels(ln net.Listener) error {
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			p.log.Warn("accept tunnel failed", "err", err, "retry_in", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		if !p.gate.tryAcquire() {
+			p.m.handshakes.WithLabelValues(CodeBusy.String()).Inc()
+			p.refuseBusy(c)
+			continue
+		}
+		p.conns.Add(1)
+		go func() {
+			defer p.conns.Add(-1)
+			p.serveTunnel(c)
+		}()
+	}
+}
+
+// refuseBusy answers "busy" without reading the Hello; a bounded number of
+// these run at once, beyond which the connection is simply closed.
+func (p *PS) refuseBusy(c net.Conn) {
+	if p.refusing.Add(1) > 256 {
+		p.refusing.Add(-1)
+		_ = c.Close()
+		return
+	}
+	go func() {
+		defer p.refusing.Add(-1)
+		p.log.Debug("refused tunnel", "remote", c.RemoteAddr().String(), "code", CodeBusy.String(), "reason", "handshake limit reached")
+		conn := c
+		_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+		if p.tls != nil {
+			tc := tls.Server(c, p.tls)
+			if tc.Handshake() != nil {
+				_ = c.Close()
+				return
+			}
+			conn = tc
+		}
+		p.closeRefused(conn, &Refuse{Code: CodeBusy, Reason: "handshake limit reached, retry later"})
+	}()
+}
+
+// closeRefused sends r, then half-closes and drains briefly, so that the
+// agent reads the refusal instead of a reset caused by its unread Hello.
+func (p *PS) closeRefused(conn net.Conn, r *Refuse) {
+	_ = conn.SetDeadline(time.Now().Add(time.Second))
+	if WriteRefuse(conn, r) == nil {
+		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		}
+		buf := make([]byte, 4096)
+		for n := 0; n < 2*MaxMessageSize; {
+			k, err := conn.Read(buf)
+			n += k
+			if err != nil {
+				break
+			}
+		}
+	}
+	_ = conn.Close()
+}
+
+// Close releases what New acquired. Run drains on its own when its context
+// ends; Close is for a PS whose Run never ran or has returned.
+func (p *PS) Close() error {
+	p.lnMu.Lock()
+	if p.ln != nil {
+		_ = p.ln.Close()
+	}
+	p.lnMu.Unlock()
+	_ = p.plane.Close()
+	p.mu.Lock()
+	for s := range p.sessions {
+		_ = s.tun.Close()
+	}
+	p.mu.Unlock()
+	if p.ownReg {
+		return p.reg.Close()
+	}
+	return nil
+}
+
+func (p *PS) renew(ctx context.Context, state registry.PSState) error {
+	rctx, cancel := context.WithTimeout(ctx, p.cfg.Lease)
+	defer cancel()
+	return p.reg.RenewPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: state, ExpiresAt: time.Now().Add(p.cfg.Lease)})
+}
