@@ -132,11 +132,11 @@ func (r *Refuse) Unwrap() error { return ErrRefused }
 
 type encoder struct{ b []byte }
 
-func (e *encoder) u8(v byte)     { e.b = append(e.b, v) }
-func (e *encoder) u16(v uint16)  { e.b = binary.BigEndian.AppendUint16(e.b, v) }
-func (e *encoder) u32(v uint32)  { e.b = binary.BigEndian.AppendUint32(e.b, v) }
-func (e *encoder) u64(v uint64)  { e.b = binary.BigEndian.AppendUint64(e.b, v) }
-func (e *encoder) str(s string)  { e.u16(uint16(len(s))); e.b = append(e.b, s...) }
+func (e *encoder) u8(v byte)    { e.b = append(e.b, v) }
+func (e *encoder) u16(v uint16) { e.b = binary.BigEndian.AppendUint16(e.b, v) }
+func (e *encoder) u32(v uint32) { e.b = binary.BigEndian.AppendUint32(e.b, v) }
+func (e *encoder) u64(v uint64) { e.b = binary.BigEndian.AppendUint64(e.b, v) }
+func (e *encoder) str(s string) { e.u16(uint16(len(s))); e.b = append(e.b, s...) }
 func (e *encoder) addr(a netip.Addr) {
 	if !a.IsValid() {
 		e.u8(0)
@@ -255,6 +255,10 @@ func (d *decoder) addr(what string, optional bool) netip.Addr {
 func (d *decoder) addrPort(what string, optional bool) netip.AddrPort {
 	a := d.addr(what, optional)
 	p := d.u16(what + " port")
+	if d.err == nil && !a.IsValid() && p != 0 {
+		// One encoding per value: an absent address has port 0.
+		d.fail("%s: port %d without an address", what, p)
+	}
 	if d.err != nil || !a.IsValid() {
 		return netip.AddrPort{}
 	}
