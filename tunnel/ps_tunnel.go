@@ -314,6 +314,13 @@ func (p *PS) admit(conn net.Conn, h *Hello, log *slog.Logger) (*psSession, *Refu
 		p.releaseBindings(freshDropped, false)
 		p.releaseBindings(append(oldDropped, leftovers...), true)
 	}()
+	logged := 0
+	for i, r := range results {
+		if r.Code != CodeOK && logged < 10 {
+			logged++
+			s.log.Warn("endpoint refused", "target", h.Endpoints[i].String(), "code", r.Code.String(), "reason", r.Reason)
+		}
+	}
 	s.log.Info("tunnel established", "endpoints", len(h.Endpoints), "accepted", accepted, "refused", len(h.Endpoints)-accepted)
 	return s, nil
 }

@@ -1,0 +1,238 @@
+package tunnel_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tether-net/tether/agent"
+	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/registry"
+	"github.com/tether-net/tether/tunnel"
+)
+
+// logBuf collects a daemon's log for assertions, and prints it when the
+// test fails.
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func newLog(t *testing.T, name string) (*slog.Logger, *logBuf) {
+	lb := &logBuf{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("%s log:\n%s", name, lb.String())
+		}
+	})
+	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
+}
+
+// psNode is a PS running in this process.
+type psNode struct {
+	ps   *tunnel.PS
+	addr string
+	log  *logBuf
+	stop func() // drains, as SIGTERM does
+}
+
+func startPS(t *testing.T, redisURL, id string, mod func(*tunnel.PSConfig)) *psNode {
+	t.Helper()
+	cfg := tunnel.DefaultPSConfig()
+	cfg.ID = id
+	cfg.Listen = "127.0.0.1:0"
+	cfg.Advertise = "127.0.0.1"
+	cfg.Redis = redisURL
+	cfg.Ports = freeRange(t, 20)
+	cfg.DrainTimeout = 2 * time.Second
+	log, lb := newLog(t, "ps "+id)
+	cfg.Logger = log
+	if mod != nil {
+		mod(&cfg)
+	}
+	ps, err := tunnel.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- ps.Run(ctx) }()
+	actx, acancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer acancel()
+	addr, err := ps.Addr(actx)
+	if err != nil {
+		t.Fatalf("ps %s did not start: %v\n%s", id, err, lb.String())
+	}
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("ps %s: %v", id, err)
+			}
+			_ = ps.Close()
+		})
+	}
+	t.Cleanup(stop)
+	return &psNode{ps: ps, addr: addr.String(), log: lb, stop: stop}
+}
+
+// freeRange finds n consecutive ports that are free on 127.0.0.1 now,
+// in a region tests do not otherwise use.
+var rangeMu sync.Mutex
+var nextRange = 40000 + (os.Getpid()%200)*100
+
+func freeRange(t *testing.T, n int) string {
+	rangeMu.Lock()
+	defer rangeMu.Unlock()
+	for tries := 0; tries < 100; tries++ {
+		lo := nextRange
+		nextRange += n
+		if nextRange > 60000 {
+			nextRange = 40000
+		}
+		ok := true
+		for p := lo; p < lo+n && ok; p++ {
+			ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+			if err != nil {
+				ok = false
+				continue
+			}
+			ln.Close()
+		}
+		if ok {
+			return fmt.Sprintf("%d-%d", lo, lo+n-1)
+		}
+	}
+	t.Fatal("no free port range")
+	return ""
+}
+
+// startAgent runs an agent in this process until the test ends or stop.
+func startAgent(t *testing.T, id, ip string, servers []string, expose []string, mod func(*agent.Config)) (*agent.Agent, *logBuf, func()) {
+	t.Helper()
+	cfg := agent.DefaultConfig()
+	cfg.ID = id
+	cfg.IP = ip
+	cfg.Servers = servers
+	cfg.Expose = expose
+	cfg.BackoffMin = 50 * time.Millisecond
+	cfg.BackoffMax = 500 * time.Millisecond
+	log, lb := newLog(t, "agent "+id)
+	cfg.Logger = log
+	if mod != nil {
+		mod(&cfg)
+	}
+	a, err := agent.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = a.Run(ctx); close(done) }()
+	var once sync.Once
+	stop := func() { once.Do(func() { cancel(); <-done; _ = a.Close() }) }
+	t.Cleanup(stop)
+	return a, lb, stop
+}
+
+// identityServer accepts connections and answers each with name, then
+// closes: whoever connects learns which server it reached.
+func identityServer(t *testing.T, name string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				_, _ = io.WriteString(c, name)
+				_ = c.Close()
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// ask connects to addr and returns what the server says before closing.
+func ask(addr string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+func newRegistry(t *testing.T, url string) *registry.Registry {
+	reg, err := registry.New(registry.Config{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	return reg
+}
+
+// waitBackends waits until target has exactly n live backends, on n
+// distinct PS nodes, and returns them.
+func waitBackends(t *testing.T, reg *registry.Registry, target netip.AddrPort, n int) []registry.Backend {
+	t.Helper()
+	var out []registry.Backend
+	testutil.Eventually(t, 15*time.Second, fmt.Sprintf("route %s with %d backends", target, n), func() error {
+		rt, err := reg.Get(context.Background(), target)
+		if n == 0 && errors.Is(err, registry.ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		ps := map[string]bool{}
+		for _, b := range rt.Backends {
+			ps[b.PSID] = true
+		}
+		if len(rt.Backends) != n || len(ps) != n {
+			return fmt.Errorf("%d backends on %d ps nodes: %+v", len(rt.Backends), len(ps), rt.Backends)
+		}
+		out = rt.Backends
+		return nil
+	})
+	return out
+}
+
+func writeTokens(t *testing.T, lines string) string {
+	p := filepath.Join(t.TempDir(), "tokens")
+	if err := os.WriteFile(p, []byte(lines), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
