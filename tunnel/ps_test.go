@@ -18,6 +18,7 @@ import (
 	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/registry"
 	"github.com/tether-net/tether/tunnel"
+	"github.com/tether-net/tether/tunnel/tunneltest"
 )
 
 // rawHello dials the PS and runs a handshake as an agent would.
@@ -65,22 +66,22 @@ func preamble(version byte) []byte { return append(tunnel.Magic[:], version) }
 // (DESIGN invariant 7).
 func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 	rd := testutil.StartRedis(t)
-	tokens := writeTokens(t, "# agents\ngood-token\nlimited-token 127.80.0.0/16\n")
-	ps := startPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) {
+	tokens := tunneltest.WriteTokens(t, "# agents\ngood-token\nlimited-token 127.80.0.0/16\n")
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) {
 		c.TokenFile = tokens
 		c.HandshakeTimeout = 700 * time.Millisecond
 	})
-	reg := newRegistry(t, rd.URL())
-	srv := identityServer(t, "agent-a1")
-	startAgent(t, "a1", "127.77.0.1", []string{ps.addr}, []string{"9100=" + srv}, func(c *agent.Config) {
+	reg := tunneltest.NewRegistry(t, rd.URL())
+	srv := tunneltest.IdentityServer(t, "agent-a1")
+	tunneltest.StartAgent(t, "a1", "127.77.0.1", []string{ps.Addr}, []string{"9100=" + srv}, func(c *agent.Config) {
 		c.Token = "good-token"
 		c.Tunnels = 1
 	})
 	target := netip.MustParseAddrPort("127.77.0.1:9100")
-	be := waitBackends(t, reg, target, 1)[0]
+	be := tunneltest.WaitBackends(t, reg, target, 1)[0]
 	stillWorks := func(after string) {
 		t.Helper()
-		got, err := ask(be.Address.String())
+		got, err := tunneltest.Ask(be.Address.String())
 		if err != nil || got != "agent-a1" {
 			t.Fatalf("after %s, the good tunnel answered %q, %v", after, got, err)
 		}
@@ -102,23 +103,23 @@ func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 		logSays string
 	}{
 		{"garbage bytes", func(t *testing.T) (tunnel.Code, string) {
-			r := rawRefusal(t, ps.addr, []byte("\x16\x03\x01 hello? this is not tether"))
+			r := rawRefusal(t, ps.Addr, []byte("\x16\x03\x01 hello? this is not tether"))
 			return r.Code, r.Reason
 		}, tunnel.CodeBadRequest, "bad magic"},
 		{"unknown version", func(t *testing.T) (tunnel.Code, string) {
-			r := rawRefusal(t, ps.addr, preamble(9))
+			r := rawRefusal(t, ps.Addr, preamble(9))
 			return r.Code, r.Reason
 		}, tunnel.CodeVersion, "agent speaks version 9"},
 		{"oversized frame", func(t *testing.T) (tunnel.Code, string) {
-			r := rawRefusal(t, ps.addr, append(preamble(tunnel.Version), 1, 0x40, 0, 0, 0))
+			r := rawRefusal(t, ps.Addr, append(preamble(tunnel.Version), 1, 0x40, 0, 0, 0))
 			return r.Code, r.Reason
 		}, tunnel.CodeTooLarge, "frame of 1073741824 bytes"},
 		{"slow handshake", func(t *testing.T) (tunnel.Code, string) {
-			r := rawRefusal(t, ps.addr, preamble(tunnel.Version)) // then silence
+			r := rawRefusal(t, ps.Addr, preamble(tunnel.Version)) // then silence
 			return r.Code, r.Reason
 		}, tunnel.CodeTimeout, "handshake not completed within 700ms"},
 		{"wrong token", func(t *testing.T) (tunnel.Code, string) {
-			_, err := rawHello(t, ps.addr, hello(func(h *tunnel.Hello) { h.Token = "guess" }))
+			_, err := rawHello(t, ps.Addr, hello(func(h *tunnel.Hello) { h.Token = "guess" }))
 			var rf *tunnel.Refuse
 			if !errors.As(err, &rf) {
 				t.Fatalf("got %v, want a refusal", err)
@@ -126,7 +127,7 @@ func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 			return rf.Code, rf.Reason
 		}, tunnel.CodeUnauthorized, "token not accepted"},
 		{"token limited to other CIDRs", func(t *testing.T) (tunnel.Code, string) {
-			_, err := rawHello(t, ps.addr, hello(func(h *tunnel.Hello) { h.Token = "limited-token" }))
+			_, err := rawHello(t, ps.Addr, hello(func(h *tunnel.Hello) { h.Token = "limited-token" }))
 			var rf *tunnel.Refuse
 			if !errors.As(err, &rf) {
 				t.Fatalf("got %v, want a refusal", err)
@@ -134,7 +135,7 @@ func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 			return rf.Code, rf.Reason
 		}, tunnel.CodeForbidden, "outside the CIDRs"},
 		{"exposure of another agent's live route", func(t *testing.T) (tunnel.Code, string) {
-			s, err := rawHello(t, ps.addr, hello(func(h *tunnel.Hello) {
+			s, err := rawHello(t, ps.Addr, hello(func(h *tunnel.Hello) {
 				h.AgentID = "intruder"
 				h.AgentIP = netip.MustParseAddr("127.77.0.1")
 				h.Endpoints = []netip.AddrPort{target, netip.MustParseAddrPort("127.77.0.1:9200")}
@@ -157,7 +158,7 @@ func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 				t.Fatalf("refused with %v %q, want %v with a reason", code, reason, c.code)
 			}
 			testutil.Eventually(t, 5*time.Second, "the ps logs the reason", func() error {
-				if !strings.Contains(ps.log.String(), c.logSays) {
+				if !strings.Contains(ps.Log.String(), c.logSays) {
 					return fmt.Errorf("log lacks %q", c.logSays)
 				}
 				return nil
@@ -177,8 +178,8 @@ func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 // refused. The old, half-open session never blocks the new one.
 func TestNewestEpochWins(t *testing.T) {
 	rd := testutil.StartRedis(t)
-	ps := startPS(t, rd.URL(), "ps1", nil)
-	reg := newRegistry(t, rd.URL())
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", nil)
+	reg := tunneltest.NewRegistry(t, rd.URL())
 	target := netip.MustParseAddrPort("127.77.0.5:9100")
 	h := func(epoch uint64, eps ...string) *tunnel.Hello {
 		out := &tunnel.Hello{AgentID: "a5", AgentIP: target.Addr(), Epoch: epoch}
@@ -188,14 +189,14 @@ func TestNewestEpochWins(t *testing.T) {
 		return out
 	}
 	// The old session is never read from again: a half-open tunnel.
-	old, err := rawHello(t, ps.addr, h(10, "127.77.0.5:9100", "127.77.0.5:9200"))
+	old, err := rawHello(t, ps.Addr, h(10, "127.77.0.5:9100", "127.77.0.5:9200"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	oldPort := old.Welcome.Endpoints[0].Port
 
 	start := time.Now()
-	nw, err := rawHello(t, ps.addr, h(20, "127.77.0.5:9100"))
+	nw, err := rawHello(t, ps.Addr, h(20, "127.77.0.5:9100"))
 	if err != nil {
 		t.Fatalf("newer epoch refused: %v", err)
 	}
@@ -211,7 +212,7 @@ func TestNewestEpochWins(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the superseded session was not closed")
 	}
-	_, err = rawHello(t, ps.addr, h(15, "127.77.0.5:9100"))
+	_, err = rawHello(t, ps.Addr, h(15, "127.77.0.5:9100"))
 	var rf *tunnel.Refuse
 	if !errors.As(err, &rf) || rf.Code != tunnel.CodeStaleEpoch {
 		t.Fatalf("older epoch: got %v, want stale_epoch", err)
@@ -236,20 +237,20 @@ func TestNewestEpochWins(t *testing.T) {
 func TestPortChurnNeverMisroutes(t *testing.T) {
 	rd := testutil.StartRedis(t)
 	const staleness = 1500 * time.Millisecond
-	ps := startPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) {
-		c.Ports = freeRange(t, 6)
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) {
+		c.Ports = tunneltest.FreeRange(t, 6)
 		c.Lease = time.Second
 		c.Renew = 200 * time.Millisecond
 		c.Quarantine = 2*time.Second + staleness // > lease + reader staleness
 	})
-	reg := newRegistry(t, rd.URL())
+	reg := tunneltest.NewRegistry(t, rd.URL())
 
 	const agents = 5
 	targets := make([]netip.AddrPort, agents)
 	servers := make([]string, agents)
 	for i := range agents {
 		targets[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 77, 1, byte(10 + i)}), 9100)
-		servers[i] = identityServer(t, fmt.Sprintf("agent-%d", i))
+		servers[i] = tunneltest.IdentityServer(t, fmt.Sprintf("agent-%d", i))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
 	defer cancel()
@@ -261,7 +262,7 @@ func TestPortChurnNeverMisroutes(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for ctx.Err() == nil {
-				_, _, stop := startAgent(t, fmt.Sprintf("a%d", i), targets[i].Addr().String(), []string{ps.addr},
+				_, _, stop := tunneltest.StartAgent(t, fmt.Sprintf("a%d", i), targets[i].Addr().String(), []string{ps.Addr},
 					[]string{fmt.Sprintf("%d=%s", targets[i].Port(), servers[i])}, func(c *agent.Config) { c.Tunnels = 1 })
 				sleepCtx(ctx, time.Duration(200+rand.IntN(800))*time.Millisecond)
 				stop()
@@ -294,7 +295,7 @@ func TestPortChurnNeverMisroutes(t *testing.T) {
 					sleepCtx(ctx, 10*time.Millisecond)
 					continue
 				}
-				got, err := ask(addr.String())
+				got, err := tunneltest.Ask(addr.String())
 				switch {
 				case err != nil || got == "":
 					failed.Add(1) // a refused or reset connection is fine
@@ -315,7 +316,7 @@ func TestPortChurnNeverMisroutes(t *testing.T) {
 	if good.Load() < 50 {
 		t.Fatalf("only %d good connections: the churn test did not exercise the data path", good.Load())
 	}
-	if !strings.Contains(ps.log.String(), "tunnel closed") {
+	if !strings.Contains(ps.Log.String(), "tunnel closed") {
 		t.Fatal("no tunnel was ever closed: no churn happened")
 	}
 }
@@ -331,8 +332,8 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 // withdraws its routes, and lets a connection in flight finish.
 func TestDrainWithdrawsFirstAndLetsInFlightFinish(t *testing.T) {
 	rd := testutil.StartRedis(t)
-	ps := startPS(t, rd.URL(), "ps1", nil)
-	reg := newRegistry(t, rd.URL())
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", nil)
+	reg := tunneltest.NewRegistry(t, rd.URL())
 	// A local server that answers only after the client has sent "go".
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -356,9 +357,9 @@ func TestDrainWithdrawsFirstAndLetsInFlightFinish(t *testing.T) {
 			}()
 		}
 	}()
-	startAgent(t, "a1", "127.77.0.9", []string{ps.addr}, []string{"9100=" + ln.Addr().String()}, func(c *agent.Config) { c.Tunnels = 1 })
+	tunneltest.StartAgent(t, "a1", "127.77.0.9", []string{ps.Addr}, []string{"9100=" + ln.Addr().String()}, func(c *agent.Config) { c.Tunnels = 1 })
 	target := netip.MustParseAddrPort("127.77.0.9:9100")
-	be := waitBackends(t, reg, target, 1)[0]
+	be := tunneltest.WaitBackends(t, reg, target, 1)[0]
 	c, err := net.Dial("tcp", be.Address.String())
 	if err != nil {
 		t.Fatal(err)
@@ -371,7 +372,7 @@ func TestDrainWithdrawsFirstAndLetsInFlightFinish(t *testing.T) {
 		t.Fatal("the connection never reached the local server")
 	}
 	stopped := make(chan struct{})
-	go func() { ps.stop(); close(stopped) }()
+	go func() { ps.Stop(); close(stopped) }()
 	testutil.Eventually(t, 5*time.Second, "route gone while draining", func() error {
 		if _, err := reg.Get(context.Background(), target); !errors.Is(err, registry.ErrNotFound) {
 			return fmt.Errorf("route still live: %v", err)
@@ -387,7 +388,7 @@ func TestDrainWithdrawsFirstAndLetsInFlightFinish(t *testing.T) {
 		t.Fatalf("in-flight connection got %q, %v", b, err)
 	}
 	<-stopped
-	if !strings.Contains(ps.log.String(), "drained") {
+	if !strings.Contains(ps.Log.String(), "drained") {
 		t.Fatal("ps did not log the end of its drain")
 	}
 }

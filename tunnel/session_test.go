@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tether-net/tether/tunnel/internal/testpki"
 )
 
 // transport gives a connected pair (agent end, PS end) of one kind, with
@@ -21,7 +23,7 @@ type transport struct {
 }
 
 func transports(t *testing.T) []transport {
-	pki := newTestPKI(t)
+	pki := testpki.NewPKI(t)
 	tcpPair := func(t *testing.T) (net.Conn, net.Conn) {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -256,7 +258,7 @@ func TestHandshakeDeadline(t *testing.T) {
 }
 
 func TestTLSVerificationIsNeverSkipped(t *testing.T) {
-	pki := newTestPKI(t)
+	pki := testpki.NewPKI(t)
 	srv, err := ServerTLSConfig(TLSFiles{Cert: pki.ServerCert, Key: pki.ServerKey, CA: pki.CA})
 	if err != nil {
 		t.Fatal(err)

@@ -1,4 +1,6 @@
-package tunnel
+// Package testpki owns throwaway certificate authorities and certificates
+// for tests of TLS on tunnels.
+package testpki
 
 import (
 	"crypto/ecdsa"
@@ -15,19 +17,20 @@ import (
 	"time"
 )
 
-// testPKI is a throwaway CA with a server certificate for 127.0.0.1 and a
+// PKI is a throwaway CA with a server certificate for 127.0.0.1 and a
 // client certificate, written as PEM files.
-type testPKI struct {
+type PKI struct {
 	CA, ServerCert, ServerKey, ClientCert, ClientKey string
 	OtherCA                                          string // a CA that signed nothing here
 }
 
-func newTestPKI(t *testing.T) *testPKI {
+// NewPKI writes a fresh PKI into a temporary directory.
+func NewPKI(t testing.TB) *PKI {
 	t.Helper()
 	dir := t.TempDir()
 	caKey, caCert, caDER := mkCA(t, "tether test CA")
 	_, _, otherDER := mkCA(t, "unrelated CA")
-	p := &testPKI{
+	p := &PKI{
 		CA: filepath.Join(dir, "ca.pem"), OtherCA: filepath.Join(dir, "other-ca.pem"),
 		ServerCert: filepath.Join(dir, "server.pem"), ServerKey: filepath.Join(dir, "server-key.pem"),
 		ClientCert: filepath.Join(dir, "client.pem"), ClientKey: filepath.Join(dir, "client-key.pem"),
@@ -39,7 +42,7 @@ func newTestPKI(t *testing.T) *testPKI {
 	return p
 }
 
-func mkCA(t *testing.T, name string) (*ecdsa.PrivateKey, *x509.Certificate, []byte) {
+func mkCA(t testing.TB, name string) (*ecdsa.PrivateKey, *x509.Certificate, []byte) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -57,7 +60,7 @@ func mkCA(t *testing.T, name string) (*ecdsa.PrivateKey, *x509.Certificate, []by
 	return key, cert, der
 }
 
-func mkLeaf(t *testing.T, caKey *ecdsa.PrivateKey, ca *x509.Certificate, cn string, ips []net.IP, usage x509.ExtKeyUsage, certPath, keyPath string) {
+func mkLeaf(t testing.TB, caKey *ecdsa.PrivateKey, ca *x509.Certificate, cn string, ips []net.IP, usage x509.ExtKeyUsage, certPath, keyPath string) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -79,7 +82,7 @@ func mkLeaf(t *testing.T, caKey *ecdsa.PrivateKey, ca *x509.Certificate, cn stri
 	writePEM(t, keyPath, "EC PRIVATE KEY", kder)
 }
 
-func writePEM(t *testing.T, path, typ string, der []byte) {
+func writePEM(t testing.TB, path, typ string, der []byte) {
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,7 @@
-package tunnel_test
+// Package tunneltest owns the helpers that tests of the tunnel, the agent
+// and the commands share: a PS and an agent running in the test's process,
+// identity servers that say who answered, and waits on the registry.
+package tunneltest
 
 import (
 	"bytes"
@@ -19,29 +22,32 @@ import (
 	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/registry"
 	"github.com/tether-net/tether/tunnel"
+	"github.com/tether-net/tether/tunnel/internal/testpki"
 )
 
-// logBuf collects a daemon's log for assertions, and prints it when the
+// LogBuf collects a daemon's log for assertions, and prints it when the
 // test fails.
-type logBuf struct {
+type LogBuf struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (l *logBuf) Write(p []byte) (int, error) {
+func (l *LogBuf) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *logBuf) String() string {
+// String returns the log so far.
+func (l *LogBuf) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
 }
 
-func newLog(t *testing.T, name string) (*slog.Logger, *logBuf) {
-	lb := &logBuf{}
+// NewLog returns a debug logger into a LogBuf, printed if t fails.
+func NewLog(t testing.TB, name string) (*slog.Logger, *LogBuf) {
+	lb := &LogBuf{}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("%s log:\n%s", name, lb.String())
@@ -50,24 +56,26 @@ func newLog(t *testing.T, name string) (*slog.Logger, *logBuf) {
 	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
 }
 
-// psNode is a PS running in this process.
-type psNode struct {
-	ps   *tunnel.PS
-	addr string
-	log  *logBuf
-	stop func() // drains, as SIGTERM does
+// PSNode is a PS running in this process.
+type PSNode struct {
+	PS   *tunnel.PS
+	Addr string // the tunnel listener
+	Log  *LogBuf
+	Stop func() // drains, as SIGTERM does
 }
 
-func startPS(t *testing.T, redisURL, id string, mod func(*tunnel.PSConfig)) *psNode {
+// StartPS runs a PS on loopback until the test ends (or Stop), with
+// mod applied to its config.
+func StartPS(t *testing.T, redisURL, id string, mod func(*tunnel.PSConfig)) *PSNode {
 	t.Helper()
 	cfg := tunnel.DefaultPSConfig()
 	cfg.ID = id
 	cfg.Listen = "127.0.0.1:0"
 	cfg.Advertise = "127.0.0.1"
 	cfg.Redis = redisURL
-	cfg.Ports = freeRange(t, 20)
+	cfg.Ports = FreeRange(t, 20)
 	cfg.DrainTimeout = 2 * time.Second
-	log, lb := newLog(t, "ps "+id)
+	log, lb := NewLog(t, "ps "+id)
 	cfg.Logger = log
 	if mod != nil {
 		mod(&cfg)
@@ -96,15 +104,15 @@ func startPS(t *testing.T, redisURL, id string, mod func(*tunnel.PSConfig)) *psN
 		})
 	}
 	t.Cleanup(stop)
-	return &psNode{ps: ps, addr: addr.String(), log: lb, stop: stop}
+	return &PSNode{PS: ps, Addr: addr.String(), Log: lb, Stop: stop}
 }
 
-// freeRange finds n consecutive ports that are free on 127.0.0.1 now,
+// FreeRange finds n consecutive ports that are free on 127.0.0.1 now,
 // in a region tests do not otherwise use.
 var rangeMu sync.Mutex
 var nextRange = 40000 + (os.Getpid()%200)*100
 
-func freeRange(t *testing.T, n int) string {
+func FreeRange(t *testing.T, n int) string {
 	rangeMu.Lock()
 	defer rangeMu.Unlock()
 	for tries := 0; tries < 100; tries++ {
@@ -130,8 +138,8 @@ func freeRange(t *testing.T, n int) string {
 	return ""
 }
 
-// startAgent runs an agent in this process until the test ends or stop.
-func startAgent(t *testing.T, id, ip string, servers []string, expose []string, mod func(*agent.Config)) (*agent.Agent, *logBuf, func()) {
+// StartAgent runs an agent in this process until the test ends or stop.
+func StartAgent(t *testing.T, id, ip string, servers []string, expose []string, mod func(*agent.Config)) (*agent.Agent, *LogBuf, func()) {
 	t.Helper()
 	cfg := agent.DefaultConfig()
 	cfg.ID = id
@@ -140,7 +148,7 @@ func startAgent(t *testing.T, id, ip string, servers []string, expose []string, 
 	cfg.Expose = expose
 	cfg.BackoffMin = 50 * time.Millisecond
 	cfg.BackoffMax = 500 * time.Millisecond
-	log, lb := newLog(t, "agent "+id)
+	log, lb := NewLog(t, "agent "+id)
 	cfg.Logger = log
 	if mod != nil {
 		mod(&cfg)
@@ -158,9 +166,9 @@ func startAgent(t *testing.T, id, ip string, servers []string, expose []string, 
 	return a, lb, stop
 }
 
-// identityServer accepts connections and answers each with name, then
+// IdentityServer accepts connections and answers each with name, then
 // closes: whoever connects learns which server it reached.
-func identityServer(t *testing.T, name string) string {
+func IdentityServer(t *testing.T, name string) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -182,8 +190,8 @@ func identityServer(t *testing.T, name string) string {
 	return ln.Addr().String()
 }
 
-// ask connects to addr and returns what the server says before closing.
-func ask(addr string) (string, error) {
+// Ask connects to addr and returns what the server says before closing.
+func Ask(addr string) (string, error) {
 	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
 	if err != nil {
 		return "", err
@@ -194,7 +202,8 @@ func ask(addr string) (string, error) {
 	return string(b), err
 }
 
-func newRegistry(t *testing.T, url string) *registry.Registry {
+// NewRegistry connects to the test's Redis, closed at cleanup.
+func NewRegistry(t *testing.T, url string) *registry.Registry {
 	reg, err := registry.New(registry.Config{URL: url})
 	if err != nil {
 		t.Fatal(err)
@@ -203,9 +212,9 @@ func newRegistry(t *testing.T, url string) *registry.Registry {
 	return reg
 }
 
-// waitBackends waits until target has exactly n live backends, on n
+// WaitBackends waits until target has exactly n live backends, on n
 // distinct PS nodes, and returns them.
-func waitBackends(t *testing.T, reg *registry.Registry, target netip.AddrPort, n int) []registry.Backend {
+func WaitBackends(t *testing.T, reg *registry.Registry, target netip.AddrPort, n int) []registry.Backend {
 	t.Helper()
 	var out []registry.Backend
 	testutil.Eventually(t, 15*time.Second, fmt.Sprintf("route %s with %d backends", target, n), func() error {
@@ -229,10 +238,17 @@ func waitBackends(t *testing.T, reg *registry.Registry, target netip.AddrPort, n
 	return out
 }
 
-func writeTokens(t *testing.T, lines string) string {
+// WriteTokens writes a token file and returns its path.
+func WriteTokens(t *testing.T, lines string) string {
 	p := filepath.Join(t.TempDir(), "tokens")
 	if err := os.WriteFile(p, []byte(lines), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return p
 }
+
+// PKI is a throwaway CA with server and client certificates.
+type PKI = testpki.PKI
+
+// NewPKI writes a fresh PKI into a temporary directory.
+func NewPKI(t testing.TB) *PKI { return testpki.NewPKI(t) }

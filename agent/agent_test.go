@@ -1,0 +1,214 @@
+package agent_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tether-net/tether/agent"
+	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/registry"
+	"github.com/tether-net/tether/tunnel"
+	"github.com/tether-net/tether/tunnel/tunneltest"
+)
+
+const bulkSize = 50 << 20
+
+// serve runs handle for every connection to a new loopback listener.
+func serve(t *testing.T, handle func(c *net.TCPConn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c.(*net.TCPConn))
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// prng is a deterministic byte source, so both ends can compute the same
+// 50 MB without holding it.
+func prng(seed uint64) io.Reader {
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	return readerFunc(func(b []byte) (int, error) {
+		for i := 0; i+8 <= len(b); i += 8 {
+			v := r.Uint64()
+			for k := 0; k < 8; k++ {
+				b[i+k] = byte(v >> (8 * k))
+			}
+		}
+		return len(b) &^ 7, nil
+	})
+}
+
+type readerFunc func([]byte) (int, error)
+
+func (f readerFunc) Read(b []byte) (int, error) { return f(b) }
+
+func sumOf(r io.Reader) string {
+	h := sha256.New()
+	_, _ = io.Copy(h, r)
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// Two PS nodes and one agent on loopback: the route gets a backend on each
+// PS, and through each one an HTTP GET, a 50 MB download, a 50 MB upload
+// answered after the client's half-close, all reach the agent's servers
+// intact.
+func TestTwoPSOneAgentCarryTraffic(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	ps1 := tunneltest.StartPS(t, rd.URL(), "ps1", nil)
+	ps2 := tunneltest.StartPS(t, rd.URL(), "ps2", nil)
+	reg := tunneltest.NewRegistry(t, rd.URL())
+
+	httpLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello from a1, path %s", r.URL.Path)
+	})}
+	go func() { _ = hs.Serve(httpLn) }()
+	t.Cleanup(func() { hs.Close() })
+	download := serve(t, func(c *net.TCPConn) { _, _ = io.CopyN(c, prng(7), bulkSize) })
+	upload := serve(t, func(c *net.TCPConn) {
+		sum := sumOf(c) // until the client's FIN
+		_, _ = io.WriteString(c, sum)
+	})
+
+	tunneltest.StartAgent(t, "a1", "127.77.0.1", []string{ps1.Addr, ps2.Addr},
+		[]string{"80=" + httpLn.Addr().String(), "9200=" + download, "9300=" + upload}, nil)
+	ip := "127.77.0.1"
+	web := tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort(ip+":80"), 2)
+	dl := tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort(ip+":9200"), 2)
+	ul := tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort(ip+":9300"), 2)
+	wantDownload := sumOf(io.LimitReader(prng(7), bulkSize))
+
+	for i := range 2 {
+		t.Run(web[i].PSID, func(t *testing.T) {
+			resp, err := (&http.Client{Timeout: 10 * time.Second}).Get("http://" + web[i].Address.String() + "/x")
+			if err != nil {
+				t.Fatalf("GET: %v", err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if string(body) != "hello from a1, path /x" {
+				t.Fatalf("GET answered %q", body)
+			}
+
+			c, err := net.Dial("tcp", dl[i].Address.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+			n, got := countAndSum(c)
+			c.Close()
+			if n != bulkSize || got != wantDownload {
+				t.Fatalf("download: %d bytes, sha256 %s; want %d bytes, %s", n, got, bulkSize, wantDownload)
+			}
+
+			c, err = net.Dial("tcp", ul[i].Address.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+			h := sha256.New()
+			if _, err := io.CopyN(io.MultiWriter(c, h), prng(uint64(i+11)), bulkSize); err != nil {
+				t.Fatalf("upload: %v", err)
+			}
+			// Half-close: the server answers only after it sees our FIN.
+			if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			answer, err := io.ReadAll(c)
+			c.Close()
+			if err != nil || string(answer) != hex.EncodeToString(h.Sum(nil)) {
+				t.Fatalf("upload checksum: server says %q (%v), client sent %x", answer, err, h.Sum(nil))
+			}
+		})
+	}
+}
+
+func countAndSum(r io.Reader) (int64, string) {
+	h := sha256.New()
+	n, _ := io.Copy(h, r)
+	return n, hex.EncodeToString(h.Sum(nil))
+}
+
+// With --tunnels 2 and a single PS, the agent runs on one tunnel and says
+// so; as soon as a second PS is reachable it holds two again, and after a
+// PS goes away and comes back, it returns to two.
+func TestAgentKeepsTwoDistinctPSNodes(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	reg := tunneltest.NewRegistry(t, rd.URL())
+	ps1 := tunneltest.StartPS(t, rd.URL(), "ps1", nil)
+	ps2Listen := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
+	srv := tunneltest.IdentityServer(t, "a1")
+	a, alog, _ := tunneltest.StartAgent(t, "a1", "127.77.0.2", []string{ps1.Addr, ps2Listen}, []string{"9100=" + srv}, nil)
+	target := netip.MustParseAddrPort("127.77.0.2:9100")
+	tunneltest.WaitBackends(t, reg, target, 1)
+	testutil.Eventually(t, 10*time.Second, "the agent warns that only one PS is reachable", func() error {
+		if !strings.Contains(alog.String(), "only one PS reachable") {
+			return fmt.Errorf("no warning yet")
+		}
+		return nil
+	})
+	if held := a.HeldPS(); len(held) != 1 {
+		t.Fatalf("agent holds %v, want one tunnel", held)
+	}
+
+	ps2 := tunneltest.StartPS(t, rd.URL(), "ps2", func(c *tunnel.PSConfig) { c.Listen = ps2Listen })
+	tunneltest.WaitBackends(t, reg, target, 2)
+	waitHeld(t, a, "ps1", "ps2")
+
+	ps2.Stop()
+	tunneltest.WaitBackends(t, reg, target, 1)
+	if got, err := tunneltest.Ask(mustBackend(t, reg, target)); err != nil || got != "a1" {
+		t.Fatalf("through the remaining PS: %q, %v", got, err)
+	}
+	tunneltest.StartPS(t, rd.URL(), "ps2", func(c *tunnel.PSConfig) { c.Listen = ps2Listen })
+	tunneltest.WaitBackends(t, reg, target, 2)
+	waitHeld(t, a, "ps1", "ps2")
+}
+
+func waitHeld(t *testing.T, a *agent.Agent, want ...string) {
+	t.Helper()
+	testutil.Eventually(t, 15*time.Second, fmt.Sprintf("agent holds %v", want), func() error {
+		got := a.HeldPS()
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			return fmt.Errorf("holds %v", got)
+		}
+		return nil
+	})
+}
+
+func mustBackend(t *testing.T, reg *registry.Registry, target netip.AddrPort) string {
+	t.Helper()
+	rt, err := reg.Get(context.Background(), target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rt.Backends[0].Address.String()
+}
