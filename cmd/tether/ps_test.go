@@ -1,0 +1,298 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/registry"
+	"github.com/tether-net/tether/tunnel/tunneltest"
+)
+
+func TestPSAndAgentHelp(t *testing.T) {
+	for cmd, flags := range map[string][]string{
+		"ps":    {"--listen", "--advertise", "--ports", "--redis", "--id", "--token-file", "--allow-clients", "--agent-cidrs", "--metrics", "--tls-cert", "--tls-key", "--tls-ca", "--lease", "--quarantine", "--drain-timeout"},
+		"agent": {"--server", "--id", "--ip", "--expose", "--tunnels", "--token-file", "--metrics", "--tls-cert", "--tls-key", "--tls-ca"},
+	} {
+		out, err := runTether(t, cmd, "--help")
+		if err != nil {
+			t.Fatalf("%s --help: %v", cmd, err)
+		}
+		for _, f := range flags {
+			if !strings.Contains(out, f) {
+				t.Errorf("%s --help does not mention %s", cmd, f)
+			}
+		}
+	}
+}
+
+func TestPSAndAgentRejectBadFlags(t *testing.T) {
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"ps", "--id", "ps1", "--redis", "redis://127.0.0.1:1/0"}, "--advertise"},
+		{[]string{"ps", "--id", "ps1", "--advertise", "127.0.0.1", "--ports", "30-20"}, "--ports"},
+		{[]string{"ps", "--id", "p s", "--advertise", "127.0.0.1"}, "--id"},
+		{[]string{"ps", "--id", "ps1", "--advertise", "127.0.0.1", "--allow-clients", "10.0.0.0/33"}, "--allow-clients"},
+		{[]string{"agent", "--server", "127.0.0.1:7000", "--id", "a1"}, "--expose"},
+		{[]string{"agent", "--server", "127.0.0.1:7000", "--id", "a1", "--expose", "80=nohostport"}, "not HOST:PORT"},
+		{[]string{"agent", "--id", "a1", "--expose", "80"}, "--server is required"},
+	}
+	for _, c := range cases {
+		out, err := runTether(t, c.args...)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("tether %s: got %v (%s), want an error naming %s", strings.Join(c.args, " "), err, out, c.want)
+		}
+	}
+}
+
+// tetherBin builds the tether binary for one test (the build cache makes
+// the second build cheap), in the test's temporary directory.
+func tetherBin(t *testing.T) string {
+	t.Helper()
+	binMu.Lock()
+	defer binMu.Unlock()
+	if p, ok := bins[t]; ok {
+		return p
+	}
+	p := filepath.Join(t.TempDir(), "tether")
+	out, err := exec.Command("go", "build", "-o", p, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	bins[t] = p
+	t.Cleanup(func() { binMu.Lock(); delete(bins, t); binMu.Unlock() })
+	return p
+}
+
+var (
+	binMu sync.Mutex
+	bins  = map[*testing.T]string{}
+)
+
+// proc is a tether process started by a test.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	log  *tunneltest.LogBuf
+	done chan struct{}
+}
+
+func startProc(t *testing.T, name string, args ...string) *proc {
+	t.Helper()
+	lb := &tunneltest.LogBuf{}
+	cmd := exec.Command(tetherBin(t), append([]string{"--log-level", "debug"}, args...)...)
+	cmd.Stdout, cmd.Stderr = lb, lb
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{name: name, cmd: cmd, log: lb, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.stop()
+		if t.Failed() {
+			t.Logf("%s log:\n%s", name, lb.String())
+		}
+	})
+	return p
+}
+
+// stop sends SIGTERM (a drain) and waits for the exit.
+func (p *proc) stop() {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(20 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// kill9 ends the process as a crash would.
+func (p *proc) kill9() {
+	_ = p.cmd.Process.Kill()
+	<-p.done
+}
+
+type psProc struct {
+	*proc
+	listen string
+	args   []string
+}
+
+func startPSProc(t *testing.T, redisURL, id string, extra ...string) *psProc {
+	listen := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
+	args := append([]string{"ps", "--id", id, "--listen", listen, "--advertise", "127.0.0.1",
+		"--ports", tunneltest.FreeRange(t, 20), "--redis", redisURL, "--lease", "2s", "--renew", "500ms",
+		"--drain-timeout", "2s"}, extra...)
+	p := &psProc{proc: startProc(t, "ps "+id, args...), listen: listen, args: args}
+	testutil.WaitTCP(t, listen, 10*time.Second)
+	return p
+}
+
+func (p *psProc) restart(t *testing.T) {
+	p.proc = startProc(t, p.name, p.args...)
+	testutil.WaitTCP(t, p.listen, 10*time.Second)
+}
+
+func backendsOf(t *testing.T, reg *registry.Registry, target netip.AddrPort) map[string]registry.Backend {
+	rt, err := reg.Get(context.Background(), target)
+	if errors.Is(err, registry.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		t.Logf("get %s: %v", target, err)
+		return nil
+	}
+	out := map[string]registry.Backend{}
+	for _, b := range rt.Backends {
+		out[b.PSID] = b
+	}
+	return out
+}
+
+func waitPS(t *testing.T, reg *registry.Registry, target netip.AddrPort, ids ...string) map[string]registry.Backend {
+	t.Helper()
+	var got map[string]registry.Backend
+	testutil.Eventually(t, 20*time.Second, fmt.Sprintf("%s served by exactly %v", target, ids), func() error {
+		got = backendsOf(t, reg, target)
+		if len(got) != len(ids) {
+			return fmt.Errorf("backends %v", got)
+		}
+		for _, id := range ids {
+			if _, ok := got[id]; !ok {
+				return fmt.Errorf("backends %v", got)
+			}
+		}
+		return nil
+	})
+	return got
+}
+
+func askVia(t *testing.T, b registry.Backend, want string) {
+	t.Helper()
+	got, err := tunneltest.Ask(b.Address.String())
+	if err != nil || got != want {
+		t.Fatalf("via %s (%s): got %q, %v; want %q", b.PSID, b.Address, got, err, want)
+	}
+}
+
+// kill -9 of one PS: its backend lapses with its lease, traffic through
+// the other PS keeps working, and once the PS is back the agent holds two
+// tunnels again.
+func TestKill9OfAPSCostsOneLease(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	reg, err := registry.New(registry.Config{URL: rd.URL()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg.Close()
+	ps1 := startPSProc(t, rd.URL(), "ps1")
+	ps2 := startPSProc(t, rd.URL(), "ps2")
+	srv := tunneltest.IdentityServer(t, "agent-a1")
+	startProc(t, "agent a1", "agent", "--server", ps1.listen, "--server", ps2.listen, "--id", "a1",
+		"--ip", "127.77.0.1", "--expose", "9100="+srv, "--backoff-min", "100ms", "--backoff-max", "1s")
+	target := netip.MustParseAddrPort("127.77.0.1:9100")
+	both := waitPS(t, reg, target, "ps1", "ps2")
+	askVia(t, both["ps1"], "agent-a1")
+	askVia(t, both["ps2"], "agent-a1")
+
+	lastSeen := both["ps1"]
+	ps1.kill9()
+	killed := time.Now()
+	testutil.Eventually(t, 20*time.Second, "the dead PS's backend disappears", func() error {
+		got := backendsOf(t, reg, target)
+		if b, ok := got["ps1"]; ok {
+			lastSeen = b
+			return fmt.Errorf("ps1 still listed, lease until %v", b.ExpiresAt)
+		}
+		if _, ok := got["ps2"]; !ok {
+			return fmt.Errorf("ps2 missing too: %v", got)
+		}
+		return nil
+	})
+	// Logical, not timing: no lease handed out by the dead PS outlived it
+	// by more than one lease (2 s), so readers stop using it by then.
+	if limit := killed.Add(2 * time.Second); lastSeen.ExpiresAt.After(limit.Add(50 * time.Millisecond)) {
+		t.Fatalf("the dead PS's backend was valid until %v, more than one lease after the kill at %v", lastSeen.ExpiresAt, killed)
+	}
+	askVia(t, both["ps2"], "agent-a1")
+
+	ps1.restart(t)
+	back := waitPS(t, reg, target, "ps1", "ps2")
+	askVia(t, back["ps1"], "agent-a1")
+	askVia(t, back["ps2"], "agent-a1")
+}
+
+// A Redis restart (same data directory) and an agent restart: the routes
+// come back by themselves.
+func TestRoutesComeBackAfterRedisAndAgentRestarts(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	reg, err := registry.New(registry.Config{URL: rd.URL()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg.Close()
+	ps1 := startPSProc(t, rd.URL(), "ps1", "--resync", "1s")
+	ps2 := startPSProc(t, rd.URL(), "ps2", "--resync", "1s")
+	srv := tunneltest.IdentityServer(t, "agent-a1")
+	agentArgs := []string{"agent", "--server", ps1.listen, "--server", ps2.listen, "--id", "a1",
+		"--ip", "127.77.0.1", "--expose", "9100=" + srv, "--backoff-min", "100ms", "--backoff-max", "1s"}
+	ag := startProc(t, "agent a1", agentArgs...)
+	target := netip.MustParseAddrPort("127.77.0.1:9100")
+	waitPS(t, reg, target, "ps1", "ps2")
+
+	rd.Stop()
+	// An outage longer than the 2 s lease: every lease lapses meanwhile.
+	// (This models the outage's length; nothing waits on it for readiness.)
+	time.Sleep(3 * time.Second)
+	rd.Start()
+	got := waitPS(t, reg, target, "ps1", "ps2")
+	askVia(t, got["ps1"], "agent-a1")
+	askVia(t, got["ps2"], "agent-a1")
+
+	// A crash and a restart of Redis that loses its data: the PS nodes
+	// publish their routes again.
+	rd.Kill()
+	if err := os.RemoveAll(filepath.Join(rd.Dir(), "appendonlydir")); err != nil {
+		t.Fatal(err)
+	}
+	rd.Start()
+	got = waitPS(t, reg, target, "ps1", "ps2")
+	askVia(t, got["ps1"], "agent-a1")
+
+	old := got
+	ag.kill9()
+	startProc(t, "agent a1 again", agentArgs...)
+	// The restarted agent's routes use fresh ports: the old ones are
+	// quarantined when its dead tunnels are released.
+	testutil.Eventually(t, 20*time.Second, "routes of the restarted agent", func() error {
+		got = backendsOf(t, reg, target)
+		for _, id := range []string{"ps1", "ps2"} {
+			b, ok := got[id]
+			if !ok || b.Address == old[id].Address {
+				return fmt.Errorf("backends %v", got)
+			}
+		}
+		return nil
+	})
+	askVia(t, got["ps1"], "agent-a1")
+	askVia(t, got["ps2"], "agent-a1")
+}
