@@ -109,7 +109,7 @@ func handshake(ctx context.Context, conn net.Conn, hello *Hello, cfg ClientConfi
 	if err := conn.SetDeadline(time.Time{}); err != nil {
 		return nil, fmt.Errorf("handshake: %w", err)
 	}
-	mux, err := yamux.Server(conn, yamuxConfig(cfg.Logger, cfg.Window))
+	mux, err := yamux.Server(newCoalescingConn(conn), yamuxConfig(cfg.Logger, cfg.Window))
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
 	}
@@ -265,7 +265,7 @@ type PSSession struct {
 
 // NewPSSession starts the multiplexer on conn after a Welcome was sent.
 func NewPSSession(conn net.Conn, log *slog.Logger, window uint32) (*PSSession, error) {
-	mux, err := yamux.Client(conn, yamuxConfig(log, window))
+	mux, err := yamux.Client(newCoalescingConn(conn), yamuxConfig(log, window))
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
 	}

@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -38,8 +39,20 @@ func main() {
 	dur := flag.Duration("d", 3*time.Second, "duration of each throughput and rate measurement")
 	windows := flag.String("windows", "", "comma-separated yamux stream windows (bytes) to compare on bulk throughput; empty = the default only")
 	endpoints := flag.Int("endpoints", 10000, "endpoints in the registration measurement")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	flag.StringVar(&only, "only", "", "run only the measurements whose name contains this (for profiling)")
 	flag.Parse()
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		_ = pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
 	if err := run(*dur, *windows, *endpoints); err != nil {
+		pprof.StopCPUProfile()
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -84,6 +97,9 @@ func run(dur time.Duration, windowList string, nEndpoints int) error {
 		runtime.GOMAXPROCS(0), dur, tunnel.DefaultStreamWindow>>10)
 	var rows []row
 	measure := func(name, unit string, higher bool, f func(addr string) (float64, error), direct, via string) error {
+		if only != "" && !strings.Contains(name, only) {
+			return nil
+		}
 		d, err := f(direct)
 		if err != nil {
 			return fmt.Errorf("%s direct: %w", name, err)
@@ -103,14 +119,19 @@ func run(dur time.Duration, windowList string, nEndpoints int) error {
 	}
 	var lat [2][]time.Duration
 	for i, a := range []string{echo, env.echo} {
+		if only != "" && !strings.Contains("req/resp", only) {
+			break
+		}
 		if lat[i], err = pingPong(a, dur); err != nil {
 			return fmt.Errorf("request/response: %w", err)
 		}
 	}
-	rows = append(rows,
-		row{"req/resp p50 (kept conn)", us(pct(lat[0], 50)), us(pct(lat[1], 50)), "µs", false},
-		row{"req/resp p99 (kept conn)", us(pct(lat[0], 99)), us(pct(lat[1], 99)), "µs", false},
-		row{"req/resp rate (kept conn)", float64(len(lat[0])) / dur.Seconds(), float64(len(lat[1])) / dur.Seconds(), "req/s", true})
+	if len(lat[1]) > 0 {
+		rows = append(rows,
+			row{"req/resp p50 (kept conn)", us(pct(lat[0], 50)), us(pct(lat[1], 50)), "µs", false},
+			row{"req/resp p99 (kept conn)", us(pct(lat[0], 99)), us(pct(lat[1], 99)), "µs", false},
+			row{"req/resp rate (kept conn)", float64(len(lat[0])) / dur.Seconds(), float64(len(lat[1])) / dur.Seconds(), "req/s", true})
+	}
 	if err := measure("connect+request+close, 8 clients", "conn/s", true, func(a string) (float64, error) { return connectRate(a, 8, dur) }, rpc, env.rpc); err != nil {
 		return err
 	}
@@ -143,6 +164,8 @@ func run(dur time.Duration, windowList string, nEndpoints int) error {
 	fmt.Println()
 	return registration(rd.url, nEndpoints)
 }
+
+var only string
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
