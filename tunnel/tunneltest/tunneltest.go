@@ -252,3 +252,13 @@ type PKI = testpki.PKI
 
 // NewPKI writes a fresh PKI into a temporary directory.
 func NewPKI(t testing.TB) *PKI { return testpki.NewPKI(t) }
+
+// Handshake dials the PS at addr and runs h's handshake as an agent would.
+// The caller closes the session it returns.
+func Handshake(addr string, h *tunnel.Hello) (*tunnel.AgentSession, error) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return tunnel.Handshake(context.Background(), c, h, tunnel.ClientConfig{Timeout: 5 * time.Second})
+}
