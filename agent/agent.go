@@ -68,6 +68,11 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Registerer == nil {
 		cfg.Registerer = prometheus.NewRegistry()
 	}
+	if cfg.LookupNetIP == nil {
+		cfg.LookupNetIP = func(ctx context.Context, host string) ([]netip.Addr, error) {
+			return net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+		}
+	}
 	token := cfg.Token
 	if token == "" {
 		var err error
@@ -172,7 +177,7 @@ func (a *Agent) Close() error {
 // server: a UDP "connect" picks the route without sending anything.
 func (a *Agent) sourceIP(ctx context.Context) (netip.Addr, error) {
 	host, port, _ := net.SplitHostPort(a.cfg.Servers[0])
-	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	ips, err := a.cfg.LookupNetIP(ctx, host)
 	if err != nil || len(ips) == 0 {
 		return netip.Addr{}, fmt.Errorf("find agent ip: resolve %s: %w (set --ip)", host, err)
 	}
@@ -227,7 +232,7 @@ func (a *Agent) candidates(ctx context.Context) ([]candidate, error) {
 			out = append(out, candidate{addr: net.JoinHostPort(ip.String(), port), host: host})
 			continue
 		}
-		ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+		ips, err := a.cfg.LookupNetIP(ctx, host)
 		if err != nil {
 			lastErr = fmt.Errorf("resolve %s: %w", host, err)
 			continue

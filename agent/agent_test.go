@@ -212,3 +212,25 @@ func mustBackend(t *testing.T, reg *registry.Registry, target netip.AddrPort) st
 	}
 	return rt.Backends[0].Address.String()
 }
+
+// A server name that resolves to several addresses counts as several
+// servers: the agent places its two tunnels on the two PS nodes behind it.
+func TestOneNameWithSeveralAddressesIsSeveralServers(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	reg := tunneltest.NewRegistry(t, rd.URL())
+	port := testutil.FreePort(t)
+	tunneltest.StartPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) { c.Listen = fmt.Sprintf("127.0.0.1:%d", port) })
+	tunneltest.StartPS(t, rd.URL(), "ps2", func(c *tunnel.PSConfig) { c.Listen = fmt.Sprintf("127.0.0.2:%d", port) })
+	srv := tunneltest.IdentityServer(t, "a1")
+	a, _, _ := tunneltest.StartAgent(t, "a1", "127.77.0.7", []string{fmt.Sprintf("ps.pool.test:%d", port)}, []string{"9100=" + srv},
+		func(c *agent.Config) {
+			c.LookupNetIP = func(_ context.Context, host string) ([]netip.Addr, error) {
+				if host != "ps.pool.test" {
+					return nil, fmt.Errorf("unknown host %s", host)
+				}
+				return []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.2")}, nil
+			}
+		})
+	tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort("127.77.0.7:9100"), 2)
+	waitHeld(t, a, "ps1", "ps2")
+}

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -42,6 +43,8 @@ type Config struct {
 	Registerer prometheus.Registerer `yaml:"-"`
 	// Token, when set, is used instead of TokenFile / TETHER_TOKEN.
 	Token string `yaml:"-"`
+	// LookupNetIP resolves server names; default net.DefaultResolver.
+	LookupNetIP func(ctx context.Context, host string) ([]netip.Addr, error) `yaml:"-"`
 }
 
 // DefaultConfig returns the defaults.

@@ -8,11 +8,14 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tether-net/tether/agent"
 	"github.com/tether-net/tether/internal/testutil"
@@ -391,4 +394,129 @@ func TestDrainWithdrawsFirstAndLetsInFlightFinish(t *testing.T) {
 	if !strings.Contains(ps.Log.String(), "drained") {
 		t.Fatal("ps did not log the end of its drain")
 	}
+}
+
+// freezer relays TCP to a target until freeze: then it stops relaying
+// without closing anything, so both ends hold a half-open connection (no
+// FIN, no RST, no data), and it refuses new connections.
+type freezer struct {
+	ln     net.Listener
+	frozen chan struct{}
+	once   sync.Once
+	conns  []net.Conn
+	mu     sync.Mutex
+}
+
+func newFreezer(t *testing.T, target string) *freezer {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &freezer{ln: ln, frozen: make(chan struct{})}
+	t.Cleanup(func() {
+		ln.Close()
+		f.mu.Lock()
+		for _, c := range f.conns {
+			c.Close()
+		}
+		f.mu.Unlock()
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			d, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			f.mu.Lock()
+			f.conns = append(f.conns, c, d)
+			f.mu.Unlock()
+			go f.relay(c, d)
+			go f.relay(d, c)
+		}
+	}()
+	return f
+}
+
+func (f *freezer) relay(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		select {
+		case <-f.frozen:
+			return // drop the bytes, keep the sockets open
+		default:
+		}
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (f *freezer) freeze() {
+	f.once.Do(func() { close(f.frozen); f.ln.Close() })
+}
+
+func yamuxGoroutines() int {
+	buf := make([]byte, 1<<22)
+	n := runtime.Stack(buf, true)
+	return strings.Count(string(buf[:n]), "hashicorp/yamux.(*Session)")
+}
+
+// A tunnel whose agent vanishes without a FIN (a half-open connection) is
+// found dead by the keepalive in seconds, its route is withdrawn, and
+// nothing of it stays behind: no session goroutine, no tunnel.
+func TestHalfOpenTunnelIsReapedAndLeaksNothing(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	reg := prometheus.NewRegistry()
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) { c.Registerer = reg })
+	r := tunneltest.NewRegistry(t, rd.URL())
+	fz := newFreezer(t, ps.Addr)
+	srv := tunneltest.IdentityServer(t, "a1")
+	tunneltest.StartAgent(t, "a1", "127.77.0.8", []string{fz.ln.Addr().String()}, []string{"9100=" + srv}, func(c *agent.Config) { c.Tunnels = 1 })
+	target := netip.MustParseAddrPort("127.77.0.8:9100")
+	be := tunneltest.WaitBackends(t, r, target, 1)[0]
+	if got, err := tunneltest.Ask(be.Address.String()); err != nil || got != "a1" {
+		t.Fatalf("before the freeze: %q, %v", got, err)
+	}
+	fz.freeze()
+	testutil.Eventually(t, 30*time.Second, "the half-open tunnel's route is withdrawn", func() error {
+		if _, err := r.Get(context.Background(), target); !errors.Is(err, registry.ErrNotFound) {
+			return fmt.Errorf("route still there: %v", err)
+		}
+		return nil
+	})
+	testutil.Eventually(t, 30*time.Second, "no yamux session goroutine and no tunnel left", func() error {
+		if n := yamuxGoroutines(); n > 0 {
+			return fmt.Errorf("%d yamux session goroutines", n)
+		}
+		if n := gaugeValue(t, reg, "tether_ps_tunnels"); n != 0 {
+			return fmt.Errorf("tunnels gauge %v", n)
+		}
+		return nil
+	})
+}
+
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("metric %s not registered", name)
+	return 0
 }
