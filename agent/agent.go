@@ -360,7 +360,11 @@ func (a *Agent) logWelcome(log *slog.Logger, c candidate, s *tunnel.AgentSession
 		"endpoints", len(s.Welcome.Endpoints)-refused, "refused", refused)
 }
 
-// serve accepts the streams of one tunnel until it ends.
+// serve accepts the streams of the slot's tunnel until it ends. When the
+// PS refused endpoints for a reason that may pass (another agent's live
+// route, no free port), it handshakes again after RetryRefused with a newer
+// epoch; on the same PS the new session takes over the old one's ports, so
+// the endpoints already served do not move.
 func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log *slog.Logger) {
 	defer func() {
 		_ = s.Close()
@@ -370,13 +374,72 @@ func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log
 		a.mu.Unlock()
 		a.m.tunnels.Dec()
 	}()
+	go a.acceptStreams(ctx, s, log.With("ps_id", s.Welcome.PSID))
+	for {
+		var retry <-chan time.Time
+		var t *time.Timer
+		if retryable(s.Welcome) {
+			t = time.NewTimer(jitter(a.cfg.RetryRefused))
+			retry = t.C
+		}
+		select {
+		case <-ctx.Done():
+		case <-s.Done():
+		case <-retry:
+		}
+		if t != nil {
+			t.Stop()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		select {
+		case <-s.Done():
+			return
+		default:
+		}
+		ns, err := a.connect(ctx, slot, log)
+		if err != nil {
+			log.Warn("retry of refused endpoints failed; keeping the current tunnel", "err", err)
+			continue
+		}
+		old := s
+		s = ns
+		go a.acceptStreams(ctx, s, log.With("ps_id", s.Welcome.PSID))
+		if old.Welcome.PSID != ns.Welcome.PSID {
+			log.Info("tunnel moved to another ps while retrying refused endpoints", "from", old.Welcome.PSID, "to", ns.Welcome.PSID)
+		}
+		_ = old.Close()
+		a.m.tunnels.Dec()
+	}
+}
+
+// acceptStreams serves the streams of s until it ends.
+func (a *Agent) acceptStreams(ctx context.Context, s *tunnel.AgentSession, log *slog.Logger) {
 	for {
 		in, err := s.Accept(ctx)
 		if err != nil {
 			return
 		}
-		go a.handleStream(in, log.With("ps_id", s.Welcome.PSID))
+		go a.handleStream(in, log)
 	}
+}
+
+// retryable reports whether w refused an endpoint for a reason that may
+// pass on its own.
+func retryable(w *tunnel.Welcome) bool {
+	for _, r := range w.Endpoints {
+		switch r.Code {
+		case tunnel.CodeConflict, tunnel.CodeNoPorts, tunnel.CodeUnavailable, tunnel.CodeInternal:
+			return true
+		}
+	}
+	return false
+}
+
+// jitter scales d by a random factor in [0.5, 1.5).
+func jitter(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * (0.5 + rand.Float64()))
 }
 
 // handleStream answers one stream: it checks the target is exposed, dials

@@ -234,3 +234,47 @@ func TestOneNameWithSeveralAddressesIsSeveralServers(t *testing.T) {
 	tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort("127.77.0.7:9100"), 2)
 	waitHeld(t, a, "ps1", "ps2")
 }
+
+// An endpoint refused because another live agent holds the target is
+// asked for again later, and taken once the holder is gone; the endpoints
+// the agent already had keep their ports meanwhile.
+func TestRefusedEndpointIsRetried(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	reg := tunneltest.NewRegistry(t, rd.URL())
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", nil)
+	srvA := tunneltest.IdentityServer(t, "old-host")
+	srvB := tunneltest.IdentityServer(t, "new-host")
+	contested := netip.MustParseAddrPort("127.77.0.20:9100")
+	own := netip.MustParseAddrPort("127.77.0.20:9200")
+	_, _, stopA := tunneltest.StartAgent(t, "old", "127.77.0.20", []string{ps.Addr}, []string{"9100=" + srvA}, func(c *agent.Config) { c.Tunnels = 1 })
+	tunneltest.WaitBackends(t, reg, contested, 1)
+	_, blog, _ := tunneltest.StartAgent(t, "new", "127.77.0.20", []string{ps.Addr}, []string{"9100=" + srvB, "9200=" + srvB},
+		func(c *agent.Config) { c.Tunnels = 1; c.RetryRefused = 300 * time.Millisecond })
+	ownPort := tunneltest.WaitBackends(t, reg, own, 1)[0].Address
+	testutil.Eventually(t, 10*time.Second, "the conflict is reported", func() error {
+		if !strings.Contains(blog.String(), "code=conflict") {
+			return fmt.Errorf("no conflict logged")
+		}
+		return nil
+	})
+	if got, err := tunneltest.Ask(mustBackend(t, reg, contested)); err != nil || got != "old-host" {
+		t.Fatalf("the contested target while its holder lives: %q, %v", got, err)
+	}
+	stopA()
+	testutil.Eventually(t, 15*time.Second, "the new agent takes the target over", func() error {
+		rt, err := reg.Get(context.Background(), contested)
+		if err != nil {
+			return err
+		}
+		if rt.Backends[0].AgentID != "new" {
+			return fmt.Errorf("held by %s", rt.Backends[0].AgentID)
+		}
+		return nil
+	})
+	if got, err := tunneltest.Ask(mustBackend(t, reg, contested)); err != nil || got != "new-host" {
+		t.Fatalf("after the takeover: %q, %v", got, err)
+	}
+	if now := tunneltest.WaitBackends(t, reg, own, 1)[0].Address; now != ownPort {
+		t.Fatalf("the retries moved an endpoint that was never refused: %v -> %v", ownPort, now)
+	}
+}

@@ -37,6 +37,7 @@ type Config struct {
 	BackoffMax     time.Duration `yaml:"backoff-max" flag:"backoff-max" usage:"largest reconnect backoff"`
 	StableAfter    time.Duration `yaml:"stable-after" flag:"stable-after" usage:"a tunnel up this long resets the backoff"`
 	StreamWindow   int           `yaml:"stream-window" flag:"stream-window" usage:"yamux receive window per stream, bytes"`
+	RetryRefused   time.Duration `yaml:"retry-refused" flag:"retry-refused" usage:"how long after a PS refused endpoints (conflict, no free port) the agent asks again"`
 
 	// Set by code, not by flags.
 	Logger     *slog.Logger          `yaml:"-"`
@@ -57,6 +58,7 @@ func DefaultConfig() Config {
 		BackoffMax:     30 * time.Second,
 		StableAfter:    30 * time.Second,
 		StreamWindow:   tunnel.DefaultStreamWindow,
+		RetryRefused:   time.Minute,
 	}
 }
 
@@ -125,7 +127,7 @@ func (c *Config) Validate() error {
 	if c.Tunnels < 1 || c.Tunnels > tunnel.MaxHeldPS {
 		errs = append(errs, fmt.Errorf("--tunnels %d: want 1-%d", c.Tunnels, tunnel.MaxHeldPS))
 	}
-	if c.DialTimeout <= 0 || c.ConnectTimeout <= 0 || c.BackoffMin <= 0 || c.BackoffMax < c.BackoffMin || c.StableAfter <= 0 {
+	if c.DialTimeout <= 0 || c.ConnectTimeout <= 0 || c.BackoffMin <= 0 || c.BackoffMax < c.BackoffMin || c.StableAfter <= 0 || c.RetryRefused <= 0 {
 		errs = append(errs, errors.New("timeouts and backoffs must be positive, and --backoff-max >= --backoff-min"))
 	}
 	if c.StreamWindow < 256<<10 || c.StreamWindow > 1<<30 {
