@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -12,6 +13,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -276,5 +278,26 @@ func TestRefusedEndpointIsRetried(t *testing.T) {
 	}
 	if now := tunneltest.WaitBackends(t, reg, own, 1)[0].Address; now != ownPort {
 		t.Fatalf("the retries moved an endpoint that was never refused: %v -> %v", ownPort, now)
+	}
+}
+
+// When the agent cannot dial the local target, the client of the PS port
+// gets a reset, not an empty answer that looks like success.
+func TestDialErrorResetsTheClient(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	reg := tunneltest.NewRegistry(t, rd.URL())
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", nil)
+	dead := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
+	tunneltest.StartAgent(t, "a1", "127.77.0.21", []string{ps.Addr}, []string{"9100=" + dead}, func(c *agent.Config) { c.Tunnels = 1 })
+	be := tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort("127.77.0.21:9100"), 1)[0]
+	c, err := net.Dial("tcp", be.Address.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read: %v, want a connection reset", err)
 	}
 }

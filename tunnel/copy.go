@@ -30,6 +30,15 @@ type HalfCloser interface {
 // ends so the other direction ends too. Both ends are closed on return.
 // aToB and bToA, when not nil, count the bytes copied each way as they go.
 func Join(a, b HalfCloser, aToB, bToA prometheus.Counter) (sentAB, sentBA int64, err error) {
+	// A failed direction becomes a reset on the TCP side(s), so the client
+	// or target sees an abort rather than a clean end; closing both ends
+	// also stops the other direction.
+	abort := func() {
+		resetOnClose(a)
+		resetOnClose(b)
+		_ = a.Close()
+		_ = b.Close()
+	}
 	var wg sync.WaitGroup
 	var errAB error
 	wg.Add(1)
@@ -37,23 +46,15 @@ func Join(a, b HalfCloser, aToB, bToA prometheus.Counter) (sentAB, sentBA int64,
 		defer wg.Done()
 		sentAB, errAB = pipe(b, a, aToB)
 		if errAB != nil {
-			_ = a.Close()
-			_ = b.Close()
+			abort()
 		}
 	}()
 	var errBA error
 	sentBA, errBA = pipe(a, b, bToA)
 	if errBA != nil {
-		_ = a.Close()
-		_ = b.Close()
+		abort()
 	}
 	wg.Wait()
-	if errAB != nil || errBA != nil {
-		// A failed direction becomes a reset on the TCP side, so the
-		// client or target sees an abort rather than a clean end.
-		resetOnClose(a)
-		resetOnClose(b)
-	}
 	_ = a.Close()
 	_ = b.Close()
 	return sentAB, sentBA, errors.Join(errAB, errBA)
