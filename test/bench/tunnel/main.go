@@ -85,6 +85,15 @@ func run(dur time.Duration, windowList string, nEndpoints int) error {
 		return err
 	}
 
+	fmt.Printf("tether tunnel benchmark: loopback, GOMAXPROCS=%d, %v per measurement, stream window %d KiB\n\n",
+		runtime.GOMAXPROCS(0), dur, tunnel.DefaultStreamWindow>>10)
+	// Registration first, on a quiet process, so the memory figure is not
+	// blurred by buffers of the data-path measurements being freed.
+	if err := registration(rd.url, nEndpoints); err != nil {
+		return err
+	}
+	fmt.Println()
+
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	env, err := startTether(ctx, rd.url, tunnel.DefaultStreamWindow, bulk, echo, rpc)
@@ -93,8 +102,6 @@ func run(dur time.Duration, windowList string, nEndpoints int) error {
 	}
 	defer env.stop()
 
-	fmt.Printf("tether tunnel benchmark: loopback, GOMAXPROCS=%d, %v per measurement, stream window %d KiB\n\n",
-		runtime.GOMAXPROCS(0), dur, tunnel.DefaultStreamWindow>>10)
 	var rows []row
 	measure := func(name, unit string, higher bool, f func(addr string) (float64, error), direct, via string) error {
 		if only != "" && !strings.Contains(name, only) {
@@ -160,9 +167,7 @@ func run(dur time.Duration, windowList string, nEndpoints int) error {
 			fmt.Printf("  %6d KiB  %8.0f  %8.0f\n", n>>10, one, eight)
 		}
 	}
-
-	fmt.Println()
-	return registration(rd.url, nEndpoints)
+	return nil
 }
 
 var only string
