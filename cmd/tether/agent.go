@@ -1,12 +1,13 @@
 package main
 
 import (
+	"log/slog"
+
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/tether-net/tether/agent"
 	"github.com/tether-net/tether/internal/cliconfig"
-	"github.com/tether-net/tether/internal/daemon"
 )
 
 func newAgentCmd(g *globalFlags) *cobra.Command {
@@ -26,28 +27,11 @@ the first server. The token comes from --token-file or the env TETHER_TOKEN.`,
   tether agent --server 198.18.0.10:7000 --id s --ip 198.18.3.5 --expose 8080=127.0.0.1:8080`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := cliconfig.Resolve(cmd.Flags(), g.config, &cfg); err != nil {
-				return err
-			}
-			if err := cfg.Validate(); err != nil {
-				return err
-			}
-			log, err := g.logger(cmd)
-			if err != nil {
-				return err
-			}
-			reg := daemon.NewRegistry()
-			cfg.Logger = log
-			cfg.Registerer = reg
-			a, err := agent.New(cfg)
-			if err != nil {
-				return err
-			}
-			defer a.Close()
-			eg, ctx := errgroup.WithContext(cmd.Context())
-			eg.Go(func() error { return daemon.ServeMetrics(ctx, cfg.Metrics, reg, log, nil) })
-			eg.Go(func() error { return a.Run(ctx) })
-			return eg.Wait()
+			return runDaemon(cmd, g, &cfg, &cfg.Metrics, func(log *slog.Logger, reg *prometheus.Registry) (runner, error) {
+				cfg.Logger = log
+				cfg.Registerer = reg
+				return agent.New(cfg)
+			})
 		},
 	}
 	cliconfig.Bind(cmd.Flags(), &cfg)

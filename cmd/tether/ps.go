@@ -1,11 +1,12 @@
 package main
 
 import (
+	"log/slog"
+
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/tether-net/tether/internal/cliconfig"
-	"github.com/tether-net/tether/internal/daemon"
 	"github.com/tether-net/tether/tunnel"
 )
 
@@ -27,28 +28,11 @@ optionally followed by the comma-separated CIDRs that token may expose
 (without a file, the env TETHER_TOKEN holds a single token).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := cliconfig.Resolve(cmd.Flags(), g.config, &cfg); err != nil {
-				return err
-			}
-			if err := cfg.Validate(); err != nil {
-				return err
-			}
-			log, err := g.logger(cmd)
-			if err != nil {
-				return err
-			}
-			reg := daemon.NewRegistry()
-			cfg.Logger = log
-			cfg.Registerer = reg
-			ps, err := tunnel.New(cfg)
-			if err != nil {
-				return err
-			}
-			defer ps.Close()
-			eg, ctx := errgroup.WithContext(cmd.Context())
-			eg.Go(func() error { return daemon.ServeMetrics(ctx, cfg.Metrics, reg, log, nil) })
-			eg.Go(func() error { return ps.Run(ctx) })
-			return eg.Wait()
+			return runDaemon(cmd, g, &cfg, &cfg.Metrics, func(log *slog.Logger, reg *prometheus.Registry) (runner, error) {
+				cfg.Logger = log
+				cfg.Registerer = reg
+				return tunnel.New(cfg)
+			})
 		},
 	}
 	cliconfig.Bind(cmd.Flags(), &cfg)
