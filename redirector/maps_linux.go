@@ -140,15 +140,6 @@ func counterName(c bpf.RedirectCounter) string {
 	return fmt.Sprintf("counter_%d", c)
 }
 
-// Status is what `tether redirector status` prints.
-type Status struct {
-	PinDir   string            `json:"pin_dir"`
-	Routes   int               `json:"routes"`
-	Capacity uint32            `json:"capacity"`
-	Counters map[string]uint64 `json:"counters"`
-	Links    []string          `json:"links"`
-}
-
 // ReadStatus reads the pinned maps and links under pinDir.
 func ReadStatus(pinDir string) (Status, error) {
 	st := Status{PinDir: pinDir}

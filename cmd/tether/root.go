@@ -40,6 +40,7 @@ to the right proxy server, so unmodified applications keep dialing agent-ip:port
 	root.AddCommand(
 		newVersionCmd(),
 		newRoutesCmd(g),
+		newRedirectorCmd(g),
 		newPSCmd(g),
 		newAgentCmd(g),
 	)

@@ -65,7 +65,7 @@ func (r *Redis) Start() {
 		"--save", "", "--protected-mode", "no", "--daemonize", "no",
 		"--logfile", "")
 	cmd.Stdout, cmd.Stderr = r.log, r.log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = dieWithParent()
 	if err := cmd.Start(); err != nil {
 		r.mu.Unlock()
 		r.t.Fatalf("start redis-server: %v", err)

@@ -1,0 +1,100 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/cobra"
+
+	"github.com/tether-net/tether/internal/cliconfig"
+	"github.com/tether-net/tether/redirector"
+)
+
+func newRedirectorCmd(g *globalFlags) *cobra.Command {
+	cfg := redirector.DefaultConfig()
+	cmd := &cobra.Command{
+		Use:   "redirector --redis URL [--cgroup PATH] [--pin-dir DIR]",
+		Short: "Redirect connect() to agents, in the kernel, for every process in a cgroup",
+		Long: `redirector loads tether's eBPF programs, attaches them to a cgroup v2 and keeps
+their route map in sync with the registry. A process in that cgroup that
+connects to an agent endpoint with a route (TCP, IPv4 or IPv4-mapped IPv6) is
+sent to a live PS backend instead; getpeername() still shows the agent.
+
+Maps and links are pinned under --pin-dir: stopping or restarting the
+redirector never stops redirection (a restart swaps the programs atomically on
+the pinned links). "tether redirector uninstall" removes everything.`,
+		Example: `  tether redirector --redis redis://10.0.0.5:6379/0
+  tether redirector --redis redis://127.0.0.1:6379/0 --cgroup /sys/fs/cgroup/unified/clients`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runDaemon(cmd, g, &cfg, &cfg.Metrics, func(log *slog.Logger, reg *prometheus.Registry) (runner, error) {
+				cfg.Logger = log
+				cfg.Registerer = reg
+				return redirector.New(cfg)
+			})
+		},
+	}
+	cliconfig.Bind(cmd.Flags(), &cfg)
+	cmd.AddCommand(newRedirectorStatusCmd(g), newRedirectorUninstallCmd(g))
+	return cmd
+}
+
+type pinConfig struct {
+	PinDir string `yaml:"pin_dir" flag:"pin-dir" usage:"bpffs directory of the pinned maps and links"`
+	Cgroup string `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory the programs are attached to"`
+	Output string `yaml:"-"`
+}
+
+func newRedirectorStatusCmd(g *globalFlags) *cobra.Command {
+	cfg := pinConfig{PinDir: redirector.DefaultConfig().PinDir, Output: "table"}
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Print the route map's size and the eBPF counters, read from the pins",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := cliconfig.Resolve(cmd.Flags(), g.config, &cfg); err != nil {
+				return err
+			}
+			st, err := redirector.ReadStatus(cfg.PinDir)
+			if err != nil {
+				return err
+			}
+			switch cfg.Output {
+			case "json":
+				return writeJSON(cmd.OutOrStdout(), st)
+			case "table":
+				return writeStatus(cmd, st)
+			default:
+				return fmt.Errorf("output %q: want table or json", cfg.Output)
+			}
+		},
+	}
+	cliconfig.Bind(cmd.Flags(), &cfg)
+	cmd.Flags().StringVarP(&cfg.Output, "output", "o", cfg.Output, "output format: table or json")
+	return cmd
+}
+
+func newRedirectorUninstallCmd(g *globalFlags) *cobra.Command {
+	cfg := pinConfig{PinDir: redirector.DefaultConfig().PinDir}
+	cmd := &cobra.Command{
+		Use:   "uninstall --cgroup PATH [--pin-dir DIR]",
+		Short: "Detach the programs and remove every pin the redirector made",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := cliconfig.Resolve(cmd.Flags(), g.config, &cfg); err != nil {
+				return err
+			}
+			if _, err := redirector.ResolveCgroup(cfg.Cgroup); err != nil {
+				return err
+			}
+			if err := redirector.Uninstall(cfg.PinDir); err != nil {
+				return err
+			}
+			_, err := fmt.Fprintf(cmd.OutOrStdout(), "uninstalled: %s removed, programs detached\n", cfg.PinDir)
+			return err
+		},
+	}
+	cliconfig.Bind(cmd.Flags(), &cfg)
+	return cmd
+}

@@ -1,0 +1,63 @@
+package redirector
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Config configures the redirector daemon.
+type Config struct {
+	Redis       string        `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
+	RedisPrefix string        `yaml:"redis_prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
+	Cgroup      string        `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory to attach to (default: the root of the cgroup2 mount)"`
+	PinDir      string        `yaml:"pin_dir" flag:"pin-dir" usage:"bpffs directory for the pinned maps and links"`
+	Resync      time.Duration `yaml:"resync" flag:"resync" usage:"anti-entropy period: a full reload of the registry"`
+	MapSize     int           `yaml:"map_size" flag:"map-size" usage:"capacity of the route map (routes)"`
+	Metrics     string        `yaml:"metrics" flag:"metrics" usage:"address to serve /metrics and /healthz on (empty = off)"`
+
+	Logger     *slog.Logger          `yaml:"-"`
+	Registerer prometheus.Registerer `yaml:"-"`
+}
+
+// DefaultConfig returns the defaults of the redirector.
+func DefaultConfig() Config {
+	return Config{
+		Redis:       "redis://127.0.0.1:6379/0",
+		RedisPrefix: "tether",
+		PinDir:      "/sys/fs/bpf/tether",
+		Resync:      30 * time.Second,
+		MapSize:     1000000,
+	}
+}
+
+// Validate checks the config and names what is wrong.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Redis == "" {
+		errs = append(errs, errors.New("--redis is required"))
+	}
+	if !filepath.IsAbs(c.PinDir) {
+		errs = append(errs, fmt.Errorf("--pin-dir %q must be an absolute path on bpffs", c.PinDir))
+	}
+	if c.Resync < time.Second {
+		errs = append(errs, fmt.Errorf("--resync %v is too short (at least 1s)", c.Resync))
+	}
+	if c.MapSize < 1 || c.MapSize > 1<<26 {
+		errs = append(errs, fmt.Errorf("--map-size %d is out of range 1-%d", c.MapSize, 1<<26))
+	}
+	return errors.Join(errs...)
+}
+
+// Status is what `tether redirector status` prints, read from the pins.
+type Status struct {
+	PinDir   string            `json:"pin_dir"`
+	Routes   int               `json:"routes"`
+	Capacity uint32            `json:"capacity"`
+	Counters map[string]uint64 `json:"counters"`
+	Links    []string          `json:"links"`
+}
