@@ -50,6 +50,29 @@ func (k kernelRouteMap) Delete(keys []bpf.RedirectRouteKey) error {
 }
 
 func (k kernelRouteMap) Keys() ([]bpf.RedirectRouteKey, error) {
+	// Batch lookups read thousands of entries per system call; walking the
+	// map key by key costs ~5 µs per route, seconds for a million.
+	const chunk = 8192
+	var out []bpf.RedirectRouteKey
+	var cursor ebpf.MapBatchCursor
+	keys := make([]bpf.RedirectRouteKey, chunk)
+	vals := make([]bpf.RedirectRouteValue, chunk)
+	for {
+		n, err := k.m.BatchLookup(&cursor, keys, vals, nil)
+		out = append(out, keys[:n]...)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			return k.iterateKeys()
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+func (k kernelRouteMap) iterateKeys() ([]bpf.RedirectRouteKey, error) {
 	var out []bpf.RedirectRouteKey
 	var key bpf.RedirectRouteKey
 	var val bpf.RedirectRouteValue
