@@ -87,7 +87,7 @@ func Build(prefix string) (n *Network, err error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("netsim needs root (network namespaces, nftables)")
 	}
-	for _, bin := range []string{"ip", "nft"} {
+	for _, bin := range []string{"nsenter", "nft"} {
 		if _, err := lookPath(bin); err != nil {
 			return nil, fmt.Errorf("netsim needs %s: %w (run scripts/setup.sh)", bin, err)
 		}
@@ -234,10 +234,13 @@ func (n *Network) addHost(coreH *netlink.Handle, br *netlink.Bridge, h *Host) er
 	return nil
 }
 
-// Command returns a command that runs name inside host's namespace.
+// Command returns a command that runs name inside host's network
+// namespace. It enters only the network namespace (nsenter --net), unlike
+// `ip netns exec`, which also remounts /sys: the process keeps seeing the
+// cgroup2 mount and the bpffs pins of the machine, which the redirector needs.
 func (n *Network) Command(host, name string, args ...string) *exec.Cmd {
-	ip, _ := lookPath("ip")
-	return exec.Command(ip, append([]string{"netns", "exec", n.Hosts[host].NS, name}, args...)...)
+	nsenter, _ := lookPath("nsenter")
+	return exec.Command(nsenter, append([]string{"--net=/var/run/netns/" + n.Hosts[host].NS, "--", name}, args...)...)
 }
 
 // Run runs a command in host's namespace and returns its combined output.
@@ -308,8 +311,8 @@ func (n *Network) Start(name, host string, opts StartOpts, bin string, args ...s
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var cg *os.File
 	if opts.Cgroup != "" {
-		// Join the cgroup at clone, before `ip netns exec` remounts /sys:
-		// from inside the namespace the cgroup's path is not reachable.
+		// Join the cgroup at clone (CLONE_INTO_CGROUP): the process never
+		// runs a single instruction outside it.
 		f, err := os.Open(opts.Cgroup)
 		if err != nil {
 			return nil, fmt.Errorf("open cgroup %s: %w", opts.Cgroup, err)
