@@ -16,14 +16,14 @@ const clientEnv = "TETHER_E2E_CLIENT"
 
 // loopStats is what the loop client reports as its last line.
 type loopStats struct {
-	OK               int    `json:"ok"`
-	Failed           int    `json:"failed"`
-	Wrong            int    `json:"wrong"`
-	LongestFailureMS int64  `json:"longest_failure_ms"`
+	OK               int   `json:"ok"`
+	Failed           int   `json:"failed"`
+	Wrong            int   `json:"wrong"`
+	LongestFailureMS int64 `json:"longest_failure_ms"`
 	// FailureSpanMS is from the first failure to the last: the whole
 	// disturbance, failures and successes interleaved.
-	FailureSpanMS int64 `json:"failure_span_ms"`
-	LastError        string `json:"last_error,omitempty"`
+	FailureSpanMS int64  `json:"failure_span_ms"`
+	LastError     string `json:"last_error,omitempty"`
 }
 
 // clientMain: "loop" requests every target (ip:port=expected-name, comma

@@ -169,7 +169,9 @@ func (w *world) startRedirector() *netsim.Proc {
 		"--cgroup", w.cg.Path, "--pin-dir", w.pinDir, "--map-size", "100000", "--resync", "10s")
 }
 
-func (w *world) target(host string) string { return fmt.Sprintf("%s:%d", w.n.Hosts[host].IP, agentPort) }
+func (w *world) target(host string) string {
+	return fmt.Sprintf("%s:%d", w.n.Hosts[host].IP, agentPort)
+}
 
 // curl runs a plain curl on the central host, in the client cgroup or not.
 func (w *world) curl(inCgroup bool, url string) (string, error) {
