@@ -41,6 +41,7 @@ to the right proxy server, so unmodified applications keep dialing agent-ip:port
 		newVersionCmd(),
 		newRoutesCmd(g),
 		newRedirectorCmd(g),
+		newProxyCmd(g),
 		newPSCmd(g),
 		newAgentCmd(g),
 	)

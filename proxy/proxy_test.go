@@ -1,0 +1,247 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/registry"
+	"github.com/tether-net/tether/tunnel/tunneltest"
+)
+
+// stack: a real Redis, two PS nodes and an agent exposing 127.77.0.1:9100
+// (nothing listens there) and 127.0.0.1:<port> for name lookups, both
+// answering "agent-a1"; and the proxy, with both listeners.
+type stack struct {
+	reg       *registry.Registry
+	socks     string
+	http      string
+	localPort int
+	ps        []*tunneltest.PSNode
+}
+
+const target = "127.77.0.1:9100"
+
+func newStack(t *testing.T, mod func(*Config)) *stack {
+	t.Helper()
+	rd := testutil.StartRedis(t)
+	s := &stack{reg: tunneltest.NewRegistry(t, rd.URL())}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "agent-a1") })}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { srv.Close() })
+	var servers []string
+	for _, id := range []string{"ps1", "ps2"} {
+		n := tunneltest.StartPS(t, rd.URL(), id, nil)
+		s.ps = append(s.ps, n)
+		servers = append(servers, n.Addr)
+	}
+	tunneltest.StartAgent(t, "a1", "127.77.0.1", servers, []string{"9100=" + ln.Addr().String()}, nil)
+	// A second agent whose IP is 127.0.0.1, so that "localhost" names a
+	// target with a route.
+	s.localPort = testutil.FreePort(t)
+	tunneltest.StartAgent(t, "a-local", "127.0.0.1", servers, []string{fmt.Sprintf("%d=%s", s.localPort, ln.Addr())}, nil)
+	tunneltest.WaitBackends(t, s.reg, netip.MustParseAddrPort(target), 2)
+	tunneltest.WaitBackends(t, s.reg, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(s.localPort)), 2)
+
+	cfg := DefaultConfig()
+	cfg.Redis = rd.URL()
+	cfg.Socks = "127.0.0.1:0"
+	cfg.HTTP = "127.0.0.1:0"
+	log, lb := tunneltest.NewLog(t, "proxy")
+	cfg.Logger = log
+	if mod != nil {
+		mod(&cfg)
+	}
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = p.Run(ctx); close(done) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		p.Close()
+		if t.Failed() {
+			t.Logf("proxy log:\n%s", lb.String())
+		}
+	})
+	<-p.mirror.Ready()
+	sa, _ := p.Addr(ctx, "socks")
+	ha, _ := p.Addr(ctx, "http")
+	s.socks, s.http = sa.String(), ha.String()
+	return s
+}
+
+func curl(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	bin := testutil.RequireBinary(t, "curl")
+	out, err := exec.Command(bin, append([]string{"-sS", "--max-time", "5"}, args...)...).CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+func TestCurlReachesTheAgentThroughEveryProxyForm(t *testing.T) {
+	s := newStack(t, nil)
+	cases := [][]string{
+		{"--socks5", s.socks, "http://" + target + "/"},
+		{"--socks5-hostname", s.socks, fmt.Sprintf("http://localhost:%d/", s.localPort)},
+		{"-x", "http://" + s.http, "http://" + target + "/"},
+		{"-p", "-x", "http://" + s.http, "http://" + target + "/"},
+	}
+	for _, args := range cases {
+		out, err := curl(t, args...)
+		if err != nil || out != "agent-a1" {
+			t.Errorf("curl %s: %v %q", strings.Join(args, " "), err, out)
+		}
+	}
+}
+
+func TestUnknownTargetsGetTheRightRefusal(t *testing.T) {
+	s := newStack(t, nil)
+	out, err := curl(t, "--socks5", s.socks, "http://127.77.0.9:1/")
+	if err == nil || !strings.Contains(out, "(2)") { // 2: not allowed by ruleset
+		t.Errorf("socks5 to a target without a route: want reply 2 (not allowed by ruleset), got %v %q", err, out)
+	}
+	out, _ = curl(t, "-o", "/dev/null", "-w", "%{http_code}", "-x", "http://"+s.http, "http://127.77.0.9:1/")
+	if out != "403" {
+		t.Errorf("http proxy to a target without a route: want 403, got %q", out)
+	}
+	out, err = curl(t, "-p", "-x", "http://"+s.http, "http://127.77.0.9:1/")
+	if err == nil || !strings.Contains(out, "403") {
+		t.Errorf("CONNECT to a target without a route: want 403, got %v %q", err, out)
+	}
+}
+
+func TestBadClientsGetAnErrorAndOthersAreUnaffected(t *testing.T) {
+	s := newStack(t, nil)
+	// A client that keeps a good connection open throughout.
+	keep, err := net.Dial("tcp", s.socks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer keep.Close()
+	if _, err := keep.Write([]byte{5, 1, 0, 5, 1, 0, 1, 127, 77, 0, 1, 0x23, 0x8c}); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(keep)
+	hdr := make([]byte, 12)
+	if _, err := io.ReadFull(r, hdr); err != nil || hdr[3] != 0 {
+		t.Fatalf("good socks client: %v %x", err, hdr)
+	}
+
+	for name, raw := range map[string][]byte{
+		"malformed greeting": []byte("GET / HTTP/1.1\r\n\r\n"),
+		"truncated request":  {5, 1, 0, 5, 1, 0, 1, 127},
+		"unknown address":    {5, 1, 0, 5, 1, 0, 9, 1, 2, 3, 4, 0, 80},
+		"bind":               {5, 1, 0, 5, 2, 0, 1, 127, 77, 0, 1, 0x23, 0x8c},
+		"udp associate":      {5, 1, 0, 5, 3, 0, 1, 127, 77, 0, 1, 0x23, 0x8c},
+	} {
+		c, err := net.Dial("tcp", s.socks)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = c.Write(raw)
+		if name == "truncated request" {
+			_ = c.(*net.TCPConn).CloseWrite()
+		}
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, _ := io.ReadAll(c)
+		c.Close()
+		switch name {
+		case "bind", "udp associate":
+			if len(resp) < 4 || resp[3] != repCommandNotSupported {
+				t.Errorf("%s: want 'command not supported', got %x", name, resp)
+			}
+		case "unknown address":
+			if len(resp) < 4 || resp[3] != repAddrNotSupported {
+				t.Errorf("%s: want 'address type not supported', got %x", name, resp)
+			}
+		}
+	}
+	// An oversized header to the HTTP proxy.
+	c, err := net.Dial("tcp", s.http)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "GET http://%s/ HTTP/1.1\r\nHost: %s\r\nX-Big: %s\r\n\r\n", target, target, strings.Repeat("a", 64<<10))
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, _ := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if !strings.Contains(resp, "431") {
+		t.Errorf("oversized header: want 431, got %q", resp)
+	}
+
+	// The connection opened before all this still works, and new clients too.
+	fmt.Fprintf(keep, "GET / HTTP/1.0\r\n\r\n")
+	body, _ := io.ReadAll(r)
+	if !strings.Contains(string(body), "agent-a1") {
+		t.Fatalf("the existing client was disturbed: %q", body)
+	}
+	if out, err := curl(t, "--socks5", s.socks, "http://"+target+"/"); err != nil || out != "agent-a1" {
+		t.Fatalf("a new client after bad ones: %v %q", err, out)
+	}
+}
+
+func TestFailoverToTheOtherBackend(t *testing.T) {
+	s := newStack(t, nil)
+	// A third, live-looking backend that refuses every connection: the
+	// proxy must fall back to a working one each time it picks it first.
+	ctx := context.Background()
+	closed := testutil.FreePort(t)
+	_ = s.reg.RenewPS(ctx, registry.PSLease{ID: "ps-refusing", Addr: netip.MustParseAddr("127.0.0.1"), State: registry.PSActive, ExpiresAt: time.Now().Add(time.Minute)})
+	if errs, err := s.reg.Publish(ctx, "ps-refusing", []registry.Publication{{Target: netip.MustParseAddrPort(target), Port: uint16(closed), AgentID: "a1"}}); err != nil || errs[0] != nil {
+		t.Fatal(err, errs)
+	}
+	tunneltest.WaitBackends(t, s.reg, netip.MustParseAddrPort(target), 3)
+	for i := range 15 {
+		if out, err := curl(t, "--socks5", s.socks, "http://"+target+"/"); err != nil || out != "agent-a1" {
+			t.Fatalf("request %d with a refusing backend: %v %q", i, err, out)
+		}
+	}
+	// One real PS goes away too: requests keep succeeding through the other.
+	s.ps[0].Stop()
+	for i := range 15 {
+		if out, err := curl(t, "-x", "http://"+s.http, "http://"+target+"/"); err != nil || out != "agent-a1" {
+			t.Fatalf("request %d with ps1 gone: %v %q", i, err, out)
+		}
+	}
+}
+
+func TestUsernamePasswordIsRequiredWhenConfigured(t *testing.T) {
+	auth := filepath.Join(t.TempDir(), "users")
+	if err := os.WriteFile(auth, []byte("ops:s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := newStack(t, func(c *Config) { c.AuthFile = auth })
+	if out, err := curl(t, "--socks5", s.socks, "http://"+target+"/"); err == nil {
+		t.Fatalf("no credentials accepted: %q", out)
+	}
+	if out, err := curl(t, "--socks5", "ops:wrong@"+s.socks, "http://"+target+"/"); err == nil {
+		t.Fatalf("a wrong password accepted: %q", out)
+	}
+	if out, err := curl(t, "--socks5", "ops:s3cret@"+s.socks, "http://"+target+"/"); err != nil || out != "agent-a1" {
+		t.Fatalf("right credentials: %v %q", err, out)
+	}
+	if out, _ := curl(t, "-o", "/dev/null", "-w", "%{http_code}", "-x", "http://"+s.http, "http://"+target+"/"); out != "407" {
+		t.Fatalf("http without credentials: want 407, got %q", out)
+	}
+	if out, err := curl(t, "-x", "http://ops:s3cret@"+s.http, "http://"+target+"/"); err != nil || out != "agent-a1" {
+		t.Fatalf("http with credentials: %v %q", err, out)
+	}
+}
