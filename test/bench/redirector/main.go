@@ -28,6 +28,7 @@ import (
 	"github.com/tether-net/tether/internal/cgroup2"
 	"github.com/tether-net/tether/redirector"
 	"github.com/tether-net/tether/registry"
+	"github.com/tether-net/tether/test/bench/benchutil"
 )
 
 func main() {
@@ -108,7 +109,7 @@ func run(big int) error {
 	rows = append(rows, row{"connect() to an address without a route", fmt.Sprintf("%.1f µs", pm/1000), fmt.Sprintf("%.1f µs", hm/1000), fmt.Sprintf("%.3f×", hm/pm)})
 
 	// 2. Full sync of 100,000 routes from Redis into the map.
-	rd, stop, err := startRedis()
+	rd, stop, err := benchutil.StartRedis()
 	if err != nil {
 		return err
 	}
@@ -278,37 +279,4 @@ func connectChild() int {
 	}
 	fmt.Printf("%f\n", float64(time.Since(start).Nanoseconds())/n)
 	return 0
-}
-
-func startRedis() (string, func(), error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", nil, err
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	dir, err := os.MkdirTemp("", "bench-redis")
-	if err != nil {
-		return "", nil, err
-	}
-	cmd := exec.Command("redis-server", "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "", "--appendonly", "no")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return "", nil, fmt.Errorf("start redis-server: %w", err)
-	}
-	stop := func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); os.RemoveAll(dir) }
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	for i := 0; ; i++ {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-			break
-		}
-		if i > 200 {
-			stop()
-			return "", nil, fmt.Errorf("redis-server did not start")
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	return "redis://" + addr + "/0", stop, nil
 }

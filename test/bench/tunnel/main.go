@@ -18,8 +18,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"slices"
@@ -27,11 +25,11 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/tether-net/tether/agent"
 	"github.com/tether-net/tether/registry"
+	"github.com/tether-net/tether/test/bench/benchutil"
 	"github.com/tether-net/tether/tunnel"
 )
 
@@ -66,11 +64,11 @@ type row struct {
 }
 
 func run(dur time.Duration, windowList string, nEndpoints int) error {
-	rd, err := startRedis()
+	redisURL, stopRedis, err := benchutil.StartRedis()
 	if err != nil {
 		return err
 	}
-	defer rd.stop()
+	defer stopRedis()
 
 	bulk, err := serve(bulkServer)
 	if err != nil {
@@ -89,14 +87,14 @@ func run(dur time.Duration, windowList string, nEndpoints int) error {
 		runtime.GOMAXPROCS(0), dur, tunnel.DefaultStreamWindow>>10)
 	// Registration first, on a quiet process, so the memory figure is not
 	// blurred by buffers of the data-path measurements being freed.
-	if err := registration(rd.url, nEndpoints); err != nil {
+	if err := registration(redisURL, nEndpoints); err != nil {
 		return err
 	}
 	fmt.Println()
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	env, err := startTether(ctx, rd.url, tunnel.DefaultStreamWindow, bulk, echo, rpc)
+	env, err := startTether(ctx, redisURL, tunnel.DefaultStreamWindow, bulk, echo, rpc)
 	if err != nil {
 		return err
 	}
@@ -152,7 +150,7 @@ func run(dur time.Duration, windowList string, nEndpoints int) error {
 				return fmt.Errorf("-windows: %w", err)
 			}
 			wctx, wcancel := context.WithCancel(ctx)
-			wenv, err := startTether(wctx, rd.url, uint32(n), bulk, echo, rpc)
+			wenv, err := startTether(wctx, redisURL, uint32(n), bulk, echo, rpc)
 			if err != nil {
 				wcancel()
 				return err
@@ -513,63 +511,4 @@ func memNow() int64 {
 	}
 	lastHeap, lastStack = h, s
 	return h + s
-}
-
-// ---- redis ------------------------------------------------------------------
-
-type redisProc struct {
-	url  string
-	cmd  *exec.Cmd
-	dir  string
-	stop func()
-}
-
-func startRedis() (*redisProc, error) {
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		for _, p := range []string{"/usr/bin/redis-server", "/usr/sbin/redis-server", "/usr/local/bin/redis-server"} {
-			if _, e := os.Stat(p); e == nil {
-				bin, err = p, nil
-				break
-			}
-		}
-	}
-	if err != nil {
-		return nil, errors.New("redis-server not found (run scripts/setup.sh)")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	dir, err := os.MkdirTemp("", "tether-bench-redis-")
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--dir", dir,
-		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", filepath.Join(dir, "redis.log"))
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	r := &redisProc{url: fmt.Sprintf("redis://127.0.0.1:%d/0", port), cmd: cmd, dir: dir}
-	r.stop = func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		_ = cmd.Wait()
-		os.RemoveAll(dir)
-	}
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 200*time.Millisecond)
-		if err == nil {
-			c.Close()
-			return r, nil
-		}
-		if time.Now().After(deadline) {
-			r.stop()
-			return nil, fmt.Errorf("redis-server did not start: %w", err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
