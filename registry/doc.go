@@ -37,4 +37,12 @@
 // (even while Redis is unreachable), and repairs itself with a full snapshot
 // every Resync. A reader whose cursor has been trimmed away, or that sees the
 // stream reset (a Redis that lost its data), reloads in full.
+//
+// # Go programs as clients
+//
+// A Go program that prefers to resolve routes itself, instead of relying on
+// the eBPF redirector or the SOCKS5/HTTP proxy, uses this package directly:
+// Registry.Get for a one-off lookup (only live backends come back), or a
+// Mirror for a program that dials often (lookups are memory reads, and a
+// Sink, if given, is told of every change). See the examples.
 package registry
