@@ -14,13 +14,13 @@ import (
 // Config configures the proxy.
 type Config struct {
 	Redis        string        `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
-	RedisPrefix  string        `yaml:"redis_prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
+	RedisPrefix  string        `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	Socks        string        `yaml:"socks" flag:"socks" usage:"address of the SOCKS5 listener (empty = off)"`
 	HTTP         string        `yaml:"http" flag:"http" usage:"address of the HTTP proxy listener (empty = off)"`
-	AllowClients []string      `yaml:"allow_clients" flag:"allow-clients" usage:"CIDRs allowed to use the proxy (empty = any)"`
+	AllowClients []string      `yaml:"allow-clients" flag:"allow-clients" usage:"CIDRs allowed to use the proxy (empty = any)"`
 	Passthrough  bool          `yaml:"passthrough" flag:"passthrough" usage:"dial targets without a route directly instead of refusing them"`
-	AuthFile     string        `yaml:"auth_file" flag:"auth-file" usage:"file of user:password lines; when set, SOCKS5 requires username/password and HTTP requires Proxy-Authorization"`
-	DialTimeout  time.Duration `yaml:"dial_timeout" flag:"dial-timeout" usage:"timeout dialing a backend"`
+	AuthFile     string        `yaml:"auth-file" flag:"auth-file" usage:"file of user:password lines; when set, SOCKS5 requires username/password and HTTP requires Proxy-Authorization"`
+	DialTimeout  time.Duration `yaml:"dial-timeout" flag:"dial-timeout" usage:"timeout dialing a backend"`
 	Resync       time.Duration `yaml:"resync" flag:"resync" usage:"anti-entropy period: a full reload of the registry"`
 	Metrics      string        `yaml:"metrics" flag:"metrics" usage:"address to serve /metrics and /healthz on (empty = off)"`
 

@@ -13,11 +13,11 @@ import (
 // Config configures the redirector daemon.
 type Config struct {
 	Redis       string        `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
-	RedisPrefix string        `yaml:"redis_prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
+	RedisPrefix string        `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	Cgroup      string        `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory to attach to (default: the root of the cgroup2 mount)"`
-	PinDir      string        `yaml:"pin_dir" flag:"pin-dir" usage:"bpffs directory for the pinned maps and links"`
+	PinDir      string        `yaml:"pin-dir" flag:"pin-dir" usage:"bpffs directory for the pinned maps and links"`
 	Resync      time.Duration `yaml:"resync" flag:"resync" usage:"anti-entropy period: a full reload of the registry"`
-	MapSize     int           `yaml:"map_size" flag:"map-size" usage:"capacity of the route map (routes)"`
+	MapSize     int           `yaml:"map-size" flag:"map-size" usage:"capacity of the route map (routes)"`
 	Metrics     string        `yaml:"metrics" flag:"metrics" usage:"address to serve /metrics and /healthz on (empty = off)"`
 
 	Logger     *slog.Logger          `yaml:"-"`

@@ -41,7 +41,7 @@ the pinned links). "tether redirector uninstall" removes everything.`,
 }
 
 type pinConfig struct {
-	PinDir string `yaml:"pin_dir" flag:"pin-dir" usage:"bpffs directory of the pinned maps and links"`
+	PinDir string `yaml:"pin-dir" flag:"pin-dir" usage:"bpffs directory of the pinned maps and links"`
 	Cgroup string `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory the programs are attached to"`
 	Output string `yaml:"-"`
 }

@@ -18,7 +18,7 @@ import (
 // routesConfig is what the routes commands read: where the registry is.
 type routesConfig struct {
 	Redis  string `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry (redis://host:port/db)"`
-	Prefix string `yaml:"prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
+	Prefix string `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	Output string `yaml:"-"`
 }
 

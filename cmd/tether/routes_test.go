@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/json"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -105,5 +107,25 @@ func TestEveryCommandHasHelp(t *testing.T) {
 		if err != nil || !strings.Contains(out, "Usage:") {
 			t.Errorf("tether %s --help: %v\n%s", strings.Join(p, " "), err, out)
 		}
+	}
+}
+
+func TestFlagsComeFromAYAMLFileToo(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	dir := t.TempDir()
+	good := filepath.Join(dir, "routes.yaml")
+	if err := os.WriteFile(good, []byte("redis: "+rd.URL()+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runTether(t, "routes", "list", "--config", good); err != nil || !strings.Contains(out, "TARGET") {
+		t.Fatalf("routes list with the Redis URL from a file: %v\n%s", err, out)
+	}
+	bad := filepath.Join(dir, "proxy.yaml")
+	if err := os.WriteFile(bad, []byte("redis: "+rd.URL()+"\nsocks: 127.0.0.1:0\nsockss: typo\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := runTether(t, "proxy", "--config", bad)
+	if err == nil || !strings.Contains(err.Error(), "proxy.yaml") || !strings.Contains(err.Error(), "sockss") {
+		t.Fatalf("an unknown key must be an error naming the file and the key, got %v", err)
 	}
 }
