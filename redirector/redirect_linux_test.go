@@ -103,7 +103,7 @@ func clientMain(mode, addr string) int {
 		return 0
 	case "hold":
 		var conns []net.Conn
-		for range 10 {
+		for range 20 {
 			c, err := net.DialTimeout("tcp", addr, 3*time.Second)
 			if err != nil {
 				fmt.Println("error:", err)
@@ -370,7 +370,7 @@ func TestDeadBackendsStopGettingConnectionsAndTheirSocketsAreDestroyed(t *testin
 	s.startRedirector()
 	echo := fmt.Sprintf("%s:%d", agentIP, echoPort)
 
-	// Ten long-lived connections from inside the cgroup, spread over both PS.
+	// Twenty long-lived connections from inside the cgroup, spread over both PS.
 	hold := exec.Command(os.Args[0], "-test.run=^$", echo)
 	hold.Env = append(os.Environ(), "TETHER_TEST_CLIENT=hold")
 	stdin, _ := hold.StdinPipe()
@@ -404,7 +404,8 @@ func TestDeadBackendsStopGettingConnectionsAndTheirSocketsAreDestroyed(t *testin
 	pw.Close()
 	report := holdOut.String()
 	okN, errN := strings.Count(report, ": ok"), strings.Count(report, ": error")
-	if okN+errN != 10 || errN == 0 || okN == 0 {
+	// 20 connections spread at random: all on one PS has odds of 2 in 10^6.
+	if okN+errN != 20 || errN == 0 || okN == 0 {
 		t.Fatalf("want some connections cut (through ps1) and the others working (ps2):\n%s", report)
 	}
 	t.Logf("after freezing ps1: %d held connections destroyed, %d still working", errN, okN)
@@ -420,14 +421,12 @@ func TestDeadBackendsStopGettingConnectionsAndTheirSocketsAreDestroyed(t *testin
 	if err := s.ps[1].Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
+	// "no route to host" comes from the program; a connect left alone would
+	// hang until the client's timeout instead ("i/o timeout").
 	testutil.Eventually(t, 10*time.Second, "connect fails with EHOSTUNREACH", func() error {
-		start := time.Now()
 		out, _ := s.goClient("dial", target)
 		if !strings.Contains(out, "no route to host") {
 			return fmt.Errorf("got %q", out)
-		}
-		if d := time.Since(start); d > 2*time.Second {
-			return fmt.Errorf("took %v, not at once", d)
 		}
 		return nil
 	})
