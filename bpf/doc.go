@@ -1,9 +1,11 @@
-// Package bpf owns tether's eBPF programs (redirect.c) and the Go bindings
-// bpf2go generates from them: cgroup/connect4 and connect6 rewrite a
+// Package bpf owns tether's eBPF programs and the Go bindings bpf2go
+// generates from them. redirect.c: cgroup/connect4 and connect6 rewrite a
 // connect() to a target with a route to a live PS backend; getpeername4/6
-// give the application the address it dialed; iter/tcp destroys sockets
-// redirected to a backend declared dead. The generated objects are committed,
-// so building tether needs no clang; `make generate` rebuilds them.
+// give the application the address it dialed. destroy.c: iter/tcp destroys
+// sockets redirected to a backend declared dead (it needs a kfunc of Linux
+// >= 6.5, so it is an object of its own and the redirect loads without it).
+// tether.h holds what both share. The generated objects are committed, so
+// building tether needs no clang; `make generate` rebuilds them.
 //
 // Maps, all pinned by name under the redirector's pin directory and printed
 // readably by `bpftool map dump pinned <dir>/<map>` (they carry BTF):

@@ -8,71 +8,10 @@
  * backend of the target's route; cgroup/getpeername4/6 give the application
  * back the address it dialed. The original destination is kept per socket in
  * socket-local storage, so it lives and dies with the socket (no LRU to evict
- * it early). iter/tcp destroys established sockets that were redirected to a
- * backend user space declared dead.
+ * it early). The socket destroyer lives in destroy.c: it needs a kfunc of
+ * Linux >= 6.5, and this object must load without it.
  */
-#include <linux/types.h>
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
-
-#define AF_INET 2
-#define AF_INET6 10
-#define SOCK_STREAM 1
-#define EHOSTUNREACH 113
-
-/* Up to this many backends per route (one per PS holding the agent). */
-#define MAX_BACKENDS 4
-
-enum backend_state {
-	BACKEND_UNUSED = 0,
-	BACKEND_LIVE = 1,
-	BACKEND_DRAINING = 2,
-	BACKEND_DEAD = 3,
-};
-
-enum counter {
-	COUNTER_REDIRECTED = 0,   /* connects rewritten to a backend */
-	COUNTER_NO_ROUTE = 1,     /* TCP connects to an address without a route */
-	COUNTER_NO_BACKEND = 2,   /* connects refused: the route has no live backend */
-	COUNTER_PEER_REWRITTEN = 3, /* getpeername answers given the dialed address */
-	COUNTER_DESTROYED = 4,    /* established sockets destroyed (dead backend) */
-	COUNTER_MAX = 5,
-};
-
-/* Addresses and ports are in network byte order, as the socket sees them. */
-struct route_key {
-	__be32 addr;
-	__be16 port;
-	__u16 pad;
-};
-
-struct backend {
-	__be32 addr;
-	__be16 port;
-	__u8 state; /* enum backend_state */
-	__u8 pad;
-};
-
-struct route_value {
-	struct backend backends[MAX_BACKENDS];
-};
-
-struct orig_dst {
-	__be32 addr;   /* the target the application dialed */
-	__be16 port;
-	__u16 pad;
-	__be32 backend_addr; /* the backend it was sent to */
-	__be16 backend_port;
-	__u16 pad2;
-};
-
-/* Force the types into BTF for bpf2go -type. */
-const struct route_key *unused_route_key __attribute__((unused));
-const struct route_value *unused_route_value __attribute__((unused));
-const struct orig_dst *unused_orig_dst __attribute__((unused));
-const enum counter *unused_counter __attribute__((unused));
-const enum backend_state *unused_backend_state __attribute__((unused));
+#include "tether.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -82,39 +21,6 @@ struct {
 	__type(value, struct route_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tether_routes SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct orig_dst);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tether_orig_dst SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, COUNTER_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tether_counters SEC(".maps");
-
-/* Backends declared dead, whose redirected sockets iter/tcp destroys.
- * Key: backend address and port (route_key layout). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, struct route_key);
-	__type(value, __u8);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tether_dead SEC(".maps");
-
-static __always_inline void count(__u32 which)
-{
-	__u64 *v = bpf_map_lookup_elem(&tether_counters, &which);
-	if (v)
-		*v += 1;
-}
 
 /*
  * redirect looks the target up and, when it has a route, picks a live
@@ -241,56 +147,6 @@ int tether_getpeername6(struct bpf_sock_addr *ctx)
 	ctx->user_port = (__u32)od->port;
 	count(COUNTER_PEER_REWRITTEN);
 	return 1;
-}
-
-/* ---- Destroying sockets of dead backends (kernel >= 6.5) ---------------- */
-
-/* Minimal CO-RE views of kernel types; field offsets are relocated against
- * the running kernel's BTF at load time, so no vmlinux.h is needed. */
-struct sock_common {
-	__be32 skc_daddr;
-	__be16 skc_dport;
-	unsigned short skc_family;
-} __attribute__((preserve_access_index));
-
-struct sock {
-	struct sock_common __sk_common;
-} __attribute__((preserve_access_index));
-
-struct tcp_sock;
-
-struct bpf_iter_meta;
-
-struct bpf_iter__tcp {
-	struct bpf_iter_meta *meta;
-	struct sock_common *sk_common;
-	__u32 uid;
-} __attribute__((preserve_access_index));
-
-extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
-
-SEC("iter/tcp")
-int tether_destroy(struct bpf_iter__tcp *ctx)
-{
-	struct sock_common *skc = ctx->sk_common;
-	if (!skc)
-		return 0;
-	if (skc->skc_family != AF_INET && skc->skc_family != AF_INET6)
-		return 0;
-	struct route_key key = { .addr = skc->skc_daddr, .port = skc->skc_dport };
-	if (!bpf_map_lookup_elem(&tether_dead, &key))
-		return 0;
-	/* Only sockets this program redirected carry our storage: never touch
-	 * a socket of another cgroup that happens to talk to the same PS. */
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
-	if (!tp)
-		return 0;
-	struct orig_dst *od = bpf_sk_storage_get(&tether_orig_dst, (struct sock *)tp, 0, 0);
-	if (!od)
-		return 0;
-	if (bpf_sock_destroy(skc) == 0)
-		count(COUNTER_DESTROYED);
-	return 0;
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

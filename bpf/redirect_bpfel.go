@@ -73,7 +73,6 @@ const (
 	RedirectMapTetherRoutes        = "tether_routes"
 	RedirectProgTetherConnect4     = "tether_connect4"
 	RedirectProgTetherConnect6     = "tether_connect6"
-	RedirectProgTetherDestroy      = "tether_destroy"
 	RedirectProgTetherGetpeername4 = "tether_getpeername4"
 	RedirectProgTetherGetpeername6 = "tether_getpeername6"
 	RedirectVarUnusedBackendState  = "unused_backend_state"
@@ -127,7 +126,6 @@ type RedirectSpecs struct {
 type RedirectProgramSpecs struct {
 	TetherConnect4     *ebpf.ProgramSpec `ebpf:"tether_connect4"`
 	TetherConnect6     *ebpf.ProgramSpec `ebpf:"tether_connect6"`
-	TetherDestroy      *ebpf.ProgramSpec `ebpf:"tether_destroy"`
 	TetherGetpeername4 *ebpf.ProgramSpec `ebpf:"tether_getpeername4"`
 	TetherGetpeername6 *ebpf.ProgramSpec `ebpf:"tether_getpeername6"`
 }
@@ -205,7 +203,6 @@ type RedirectVariables struct {
 type RedirectPrograms struct {
 	TetherConnect4     *ebpf.Program `ebpf:"tether_connect4"`
 	TetherConnect6     *ebpf.Program `ebpf:"tether_connect6"`
-	TetherDestroy      *ebpf.Program `ebpf:"tether_destroy"`
 	TetherGetpeername4 *ebpf.Program `ebpf:"tether_getpeername4"`
 	TetherGetpeername6 *ebpf.Program `ebpf:"tether_getpeername6"`
 }
@@ -214,7 +211,6 @@ func (p *RedirectPrograms) Close() error {
 	return _RedirectClose(
 		p.TetherConnect4,
 		p.TetherConnect6,
-		p.TetherDestroy,
 		p.TetherGetpeername4,
 		p.TetherGetpeername6,
 	)

@@ -22,6 +22,8 @@ type Redirector struct {
 	reg    *registry.Registry
 	mirror *registry.Mirror
 	rec    *Reconciler
+
+	destroyer socketDestroyer
 }
 
 // New installs (or re-uses) the eBPF programs and prepares the sync.
@@ -51,17 +53,18 @@ func New(cfg Config) (*Redirector, error) {
 		in.Close()
 		return nil, err
 	}
-	destroyer := &iterDestroyer{prog: in.objs.TetherDestroy, dead: in.objs.TetherDead}
+	destroyer := newDestroyer(cfg.PinDir, cfg.forceNetlinkDestroy, log)
 	rec := NewReconciler(NewKernelRouteMap(in.objs.TetherRoutes), destroyer, log)
 	mirror, err := registry.NewMirror(registry.MirrorConfig{
 		Registry: reg, Sink: rec, Resync: cfg.Resync, Logger: log, Metrics: cfg.Registerer,
 	})
 	if err != nil {
+		destroyer.Close()
 		reg.Close()
 		in.Close()
 		return nil, err
 	}
-	r := &Redirector{cfg: cfg, log: log, in: in, reg: reg, mirror: mirror, rec: rec}
+	r := &Redirector{cfg: cfg, log: log, in: in, reg: reg, mirror: mirror, rec: rec, destroyer: destroyer}
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(r.collector()); err != nil {
 			r.Close()
@@ -91,6 +94,7 @@ func (r *Redirector) Run(ctx context.Context) error {
 
 // Close releases handles; pins and attachments stay.
 func (r *Redirector) Close() error {
+	r.destroyer.Close()
 	r.reg.Close()
 	return r.in.Close()
 }

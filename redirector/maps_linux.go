@@ -5,12 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/tether-net/tether/bpf"
 )
@@ -88,8 +92,7 @@ func (k kernelRouteMap) iterateKeys() ([]bpf.RedirectRouteKey, error) {
 // pass of the iterator, and clears the marks.
 type iterDestroyer struct {
 	mu   sync.Mutex
-	prog *ebpf.Program
-	dead *ebpf.Map
+	objs bpf.DestroyObjects
 }
 
 func (d *iterDestroyer) Destroy(_ context.Context, backends []netip.AddrPort) (int, error) {
@@ -102,17 +105,18 @@ func (d *iterDestroyer) Destroy(_ context.Context, backends []netip.AddrPort) (i
 		if !ok {
 			continue
 		}
-		if err := d.dead.Put(&k, &one); err != nil {
+		if err := d.objs.TetherDead.Put(&k, &one); err != nil {
 			return 0, fmt.Errorf("mark dead backend %s: %w", b, err)
 		}
 		keys = append(keys, k)
 	}
 	defer func() {
 		for i := range keys {
-			_ = d.dead.Delete(&keys[i])
+			_ = d.objs.TetherDead.Delete(&keys[i])
 		}
 	}()
-	it, err := link.AttachIter(link.IterOptions{Program: d.prog})
+	before, _ := Counters(d.objs.TetherCounters)
+	it, err := link.AttachIter(link.IterOptions{Program: d.objs.TetherDestroy})
 	if err != nil {
 		return 0, fmt.Errorf("attach tcp iterator: %w", err)
 	}
@@ -126,7 +130,70 @@ func (d *iterDestroyer) Destroy(_ context.Context, backends []netip.AddrPort) (i
 	if _, err := io.Copy(io.Discard, rd); err != nil {
 		return 0, fmt.Errorf("run tcp iterator: %w", err)
 	}
-	return -1, nil // the count is in the tether_counters "destroyed" slot
+	after, _ := Counters(d.objs.TetherCounters)
+	return int(after["sockets_destroyed"] - before["sockets_destroyed"]), nil
+}
+
+func (d *iterDestroyer) Close() error { return d.objs.Close() }
+
+// netlinkDestroyer is the fallback for kernels without bpf_sock_destroy
+// (< 6.5): SOCK_DESTROY through sock_diag. It cannot tell redirected sockets
+// from others, so it destroys every IPv4 TCP socket of this network
+// namespace connected to the dead backend (the backend is dead for them
+// too), and it cannot reach AF_INET6 sockets dialing v4-mapped addresses.
+type netlinkDestroyer struct{}
+
+func (netlinkDestroyer) Destroy(_ context.Context, backends []netip.AddrPort) (int, error) {
+	dead := map[netip.AddrPort]bool{}
+	for _, b := range backends {
+		dead[netip.AddrPortFrom(b.Addr().Unmap(), b.Port())] = true
+	}
+	socks, err := netlink.SocketDiagTCP(unix.AF_INET)
+	if err != nil {
+		return 0, fmt.Errorf("list tcp sockets: %w", err)
+	}
+	n := 0
+	var errs []error
+	for _, s := range socks {
+		dst, ok := netip.AddrFromSlice(s.ID.Destination.To4())
+		if !ok || !dead[netip.AddrPortFrom(dst, s.ID.DestinationPort)] {
+			continue
+		}
+		local := &net.TCPAddr{IP: s.ID.Source, Port: int(s.ID.SourcePort)}
+		remote := &net.TCPAddr{IP: s.ID.Destination, Port: int(s.ID.DestinationPort)}
+		if err := netlink.SocketDestroy(local, remote); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}
+
+func (netlinkDestroyer) Close() error { return nil }
+
+// socketDestroyer is a Destroyer that holds kernel resources.
+type socketDestroyer interface {
+	Destroyer
+	Close() error
+}
+
+// newDestroyer loads the iter/tcp destroyer against the pinned maps in
+// pinDir, or falls back to netlink SOCK_DESTROY when this kernel cannot
+// load it (forceNetlink skips the attempt).
+func newDestroyer(pinDir string, forceNetlink bool, log *slog.Logger) socketDestroyer {
+	if !forceNetlink {
+		spec, err := bpf.LoadDestroy()
+		if err == nil {
+			d := &iterDestroyer{}
+			err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
+			if err == nil {
+				return d
+			}
+		}
+		log.Warn("bpf_sock_destroy is not available (needs Linux >= 6.5); destroying sockets of dead backends with netlink SOCK_DESTROY instead", "err", err)
+	}
+	return netlinkDestroyer{}
 }
 
 // Counters reads the per-CPU counters, summed over CPUs, by name.

@@ -210,8 +210,9 @@ func newStack(t *testing.T) *stack {
 	return s
 }
 
-// startRedirector runs the redirector in this process until the test ends.
-func (s *stack) startRedirector() {
+// startRedirector runs the redirector in this process until the test ends
+// and returns its log.
+func (s *stack) startRedirector(mods ...func(*redirector.Config)) *tunneltest.LogBuf {
 	s.t.Helper()
 	cfg := redirector.DefaultConfig()
 	cfg.Redis = s.redis.URL()
@@ -220,6 +221,9 @@ func (s *stack) startRedirector() {
 	cfg.MapSize = 10000
 	log, lb := tunneltest.NewLog(s.t, "redirector")
 	cfg.Logger = log
+	for _, m := range mods {
+		m(&cfg)
+	}
 	r, err := redirector.New(cfg)
 	if err != nil {
 		s.t.Fatal(err)
@@ -240,6 +244,7 @@ func (s *stack) startRedirector() {
 	case <-time.After(10 * time.Second):
 		s.t.Fatal("redirector never synced")
 	}
+	return lb
 }
 
 // inCgroup runs a command inside the test cgroup.
@@ -366,8 +371,17 @@ print(data.decode().split("\r\n\r\n", 1)[1].strip())
 }
 
 func TestDeadBackendsStopGettingConnectionsAndTheirSocketsAreDestroyed(t *testing.T) {
+	t.Run("bpf_sock_destroy", func(t *testing.T) { testDeadBackends(t, false) })
+	t.Run("netlink SOCK_DESTROY fallback", func(t *testing.T) { testDeadBackends(t, true) })
+}
+
+func testDeadBackends(t *testing.T, netlinkFallback bool) {
 	s := newStack(t)
-	s.startRedirector()
+	var mods []func(*redirector.Config)
+	if netlinkFallback {
+		mods = append(mods, redirector.ForceNetlinkDestroy)
+	}
+	rlog := s.startRedirector(mods...)
 	echo := fmt.Sprintf("%s:%d", agentIP, echoPort)
 
 	// Twenty long-lived connections from inside the cgroup, spread over both PS.
@@ -394,11 +408,14 @@ func TestDeadBackendsStopGettingConnectionsAndTheirSocketsAreDestroyed(t *testin
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 10*time.Second, "sockets through the frozen PS destroyed", func() error {
-		if n := s.counters()["sockets_destroyed"]; n == 0 {
+		if !strings.Contains(rlog.String(), "destroyed client sockets of dead backends") {
 			return fmt.Errorf("none destroyed yet")
 		}
 		return nil
 	})
+	if !netlinkFallback && s.counters()["sockets_destroyed"] == 0 {
+		t.Fatal("the sockets_destroyed counter did not move")
+	}
 	_, _ = io.WriteString(stdin, "go\n")
 	_ = hold.Wait()
 	pw.Close()
@@ -407,6 +424,11 @@ func TestDeadBackendsStopGettingConnectionsAndTheirSocketsAreDestroyed(t *testin
 	// 20 connections spread at random: all on one PS has odds of 2 in 10^6.
 	if okN+errN != 20 || errN == 0 || okN == 0 {
 		t.Fatalf("want some connections cut (through ps1) and the others working (ps2):\n%s", report)
+	}
+	// A destroyed socket fails at once (connection aborted); one left to
+	// hang on the frozen PS would end in the client's own timeout.
+	if strings.Contains(report, "i/o timeout") {
+		t.Fatalf("a connection through the frozen PS was left hanging instead of destroyed:\n%s", report)
 	}
 	t.Logf("after freezing ps1: %d held connections destroyed, %d still working", errN, okN)
 

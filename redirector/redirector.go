@@ -22,6 +22,9 @@ type Config struct {
 
 	Logger     *slog.Logger          `yaml:"-"`
 	Registerer prometheus.Registerer `yaml:"-"`
+
+	// forceNetlinkDestroy tests the fallback for kernels < 6.5.
+	forceNetlinkDestroy bool
 }
 
 // DefaultConfig returns the defaults of the redirector.
