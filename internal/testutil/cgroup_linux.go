@@ -40,7 +40,12 @@ func NewCgroup(t testing.TB) *Cgroup {
 		t.Fatalf("create cgroup %s: %v", path, err)
 	}
 	cg := &Cgroup{Path: path}
-	t.Cleanup(func() { cg.remove(t, mnt) })
+	t.Cleanup(func() {
+		cg.remove(t, mnt)
+		// The shared parent goes too once the last test's cgroup is gone;
+		// rmdir of a cgroup that still has children fails harmlessly.
+		_ = os.Remove(parent)
+	})
 	return cg
 }
 
