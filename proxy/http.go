@@ -135,6 +135,9 @@ func (p *Proxy) handleConnect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p.metrics.requests.WithLabelValues("http_connect", "ok").Inc()
+	// A tunnel lives as long as its client wants: no deadline the HTTP
+	// server may have left on the connection applies to it.
+	_ = c.SetDeadline(time.Time{})
 	if _, err := c.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
 		c.Close()
 		up.Close()
