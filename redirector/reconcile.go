@@ -78,7 +78,7 @@ func (r *Reconciler) Entries() int {
 // Replace makes the map hold exactly routes: a batch write of all of them,
 // then the deletion of every key that is not among them.
 func (r *Reconciler) Replace(ctx context.Context, routes []registry.RouteState) error {
-	keys, vals, dead := r.encodeAll(routes)
+	keys, vals := r.encodeAll(routes)
 	want := make(map[bpf.RedirectRouteKey]struct{}, len(keys))
 	for _, k := range keys {
 		want[k] = struct{}{}
@@ -103,7 +103,7 @@ func (r *Reconciler) Replace(ctx context.Context, routes []registry.RouteState) 
 	r.entries = len(keys)
 	killed := r.trackLocked(routes, true)
 	r.mu.Unlock()
-	return r.destroyDead(ctx, append(dead, killed...))
+	return r.destroyDead(ctx, killed)
 }
 
 // Update writes changed routes and deletes those without backends.
@@ -190,7 +190,7 @@ func (r *Reconciler) destroyDead(ctx context.Context, dead []netip.AddrPort) err
 	return nil
 }
 
-func (r *Reconciler) encodeAll(routes []registry.RouteState) ([]bpf.RedirectRouteKey, []bpf.RedirectRouteValue, []netip.AddrPort) {
+func (r *Reconciler) encodeAll(routes []registry.RouteState) ([]bpf.RedirectRouteKey, []bpf.RedirectRouteValue) {
 	keys := make([]bpf.RedirectRouteKey, 0, len(routes))
 	vals := make([]bpf.RedirectRouteValue, 0, len(routes))
 	for _, rs := range routes {
@@ -201,7 +201,7 @@ func (r *Reconciler) encodeAll(routes []registry.RouteState) ([]bpf.RedirectRout
 		keys = append(keys, k)
 		vals = append(vals, *v)
 	}
-	return keys, vals, nil
+	return keys, vals
 }
 
 // encode turns a route into its map key and value; a nil value means the
