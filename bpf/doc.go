@@ -5,7 +5,8 @@
 // sockets redirected to a backend declared dead (it needs a kfunc of Linux
 // >= 6.5, so it is an object of its own and the redirect loads without it).
 // tether.h holds what both share. The generated objects are committed, so
-// building tether needs no clang; `make generate` rebuilds them.
+// building tether needs no clang; `make generate` rebuilds them with clang 14
+// (pinned in gen.go, so that they regenerate byte for byte).
 //
 // Maps, all pinned by name under the redirector's pin directory and printed
 // readably by `bpftool map dump pinned <dir>/<map>` (they carry BTF):

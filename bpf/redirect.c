@@ -22,19 +22,35 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tether_routes SEC(".maps");
 
+/* What redirect() decided for one connect(); see redirect(). */
+enum redirect_result {
+	REDIRECT_NO_ROUTE = -1,
+	REDIRECT_REFUSE = 0,
+	REDIRECT_REWRITE = 1,
+};
+
 /*
- * redirect looks the target up and, when it has a route, picks a live
- * backend. It returns 1 to let connect() go on (rewritten or untouched) and
- * 0 to fail it with EHOSTUNREACH.
+ * redirect looks the target addr:port up in tether_routes and picks one of
+ * the route's live backends at random. It returns:
+ *
+ *   REDIRECT_NO_ROUTE (-1): the target has no route (COUNTER_NO_ROUTE);
+ *     nothing is written, and connect() goes to the target as dialed.
+ *   REDIRECT_REFUSE (0): the target has a route but none of its backends is
+ *     live, or the route changed while it was read (COUNTER_NO_BACKEND);
+ *     nothing is written, and the caller fails connect() with EHOSTUNREACH.
+ *   REDIRECT_REWRITE (1): *new_addr and *new_port hold the chosen backend
+ *     (COUNTER_REDIRECTED), and the socket's tether_orig_dst records the
+ *     target and the backend for getpeername and the destroyer (unless that
+ *     storage cannot be allocated). The caller rewrites the destination.
  */
-static __always_inline int redirect(struct bpf_sock_addr *ctx, __be32 addr, __be16 port,
-				    __be32 *new_addr, __be16 *new_port)
+static __always_inline enum redirect_result
+redirect(struct bpf_sock_addr *ctx, __be32 addr, __be16 port, __be32 *new_addr, __be16 *new_port)
 {
 	struct route_key key = { .addr = addr, .port = port };
 	struct route_value *rv = bpf_map_lookup_elem(&tether_routes, &key);
 	if (!rv) {
 		count(COUNTER_NO_ROUTE);
-		return -1;
+		return REDIRECT_NO_ROUTE;
 	}
 
 	__u32 live = 0;
@@ -44,7 +60,7 @@ static __always_inline int redirect(struct bpf_sock_addr *ctx, __be32 addr, __be
 			live++;
 	if (live == 0) {
 		count(COUNTER_NO_BACKEND);
-		return 0;
+		return REDIRECT_REFUSE;
 	}
 
 	/* Spread new connections over the live backends. */
@@ -64,7 +80,7 @@ static __always_inline int redirect(struct bpf_sock_addr *ctx, __be32 addr, __be
 	if (chosen.state != BACKEND_LIVE) {
 		/* The map changed under us; treat it as no live backend. */
 		count(COUNTER_NO_BACKEND);
-		return 0;
+		return REDIRECT_REFUSE;
 	}
 
 	struct orig_dst *od = bpf_sk_storage_get(&tether_orig_dst, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -77,6 +93,21 @@ static __always_inline int redirect(struct bpf_sock_addr *ctx, __be32 addr, __be
 	*new_addr = chosen.addr;
 	*new_port = chosen.port;
 	count(COUNTER_REDIRECTED);
+	return REDIRECT_REWRITE;
+}
+
+/*
+ * connect_verdict turns redirect()'s result into the connect hooks' return:
+ * 1 lets connect() go on (to the backend the hook has written, or untouched
+ * without a route); 0 with retval -EHOSTUNREACH fails it. Both hooks share
+ * it so that IPv4 and v4-mapped IPv6 sockets can never be treated apart.
+ */
+static __always_inline int connect_verdict(enum redirect_result r)
+{
+	if (r == REDIRECT_REFUSE) {
+		bpf_set_retval(-EHOSTUNREACH);
+		return 0;
+	}
 	return 1;
 }
 
@@ -87,16 +118,12 @@ int tether_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	__be32 addr = 0;
 	__be16 port = 0;
-	int r = redirect(ctx, ctx->user_ip4, (__be16)ctx->user_port, &addr, &port);
-	if (r < 0)
-		return 1;
-	if (r == 0) {
-		bpf_set_retval(-EHOSTUNREACH);
-		return 0;
+	enum redirect_result r = redirect(ctx, ctx->user_ip4, (__be16)ctx->user_port, &addr, &port);
+	if (r == REDIRECT_REWRITE) {
+		ctx->user_ip4 = addr;
+		ctx->user_port = (__u32)port;
 	}
-	ctx->user_ip4 = addr;
-	ctx->user_port = (__u32)port;
-	return 1;
+	return connect_verdict(r);
 }
 
 /* Dual-stack sockets (JDK, Go, Python AF_INET6) dial IPv4 targets as
@@ -110,34 +137,42 @@ int tether_connect6(struct bpf_sock_addr *ctx)
 		return 1;
 	__be32 addr = 0;
 	__be16 port = 0;
-	int r = redirect(ctx, ctx->user_ip6[3], (__be16)ctx->user_port, &addr, &port);
-	if (r < 0)
-		return 1;
-	if (r == 0) {
-		bpf_set_retval(-EHOSTUNREACH);
-		return 0;
+	enum redirect_result r = redirect(ctx, ctx->user_ip6[3], (__be16)ctx->user_port, &addr, &port);
+	if (r == REDIRECT_REWRITE) {
+		ctx->user_ip6[3] = addr;
+		ctx->user_port = (__u32)port;
 	}
-	ctx->user_ip6[3] = addr;
-	ctx->user_port = (__u32)port;
-	return 1;
+	return connect_verdict(r);
+}
+
+/*
+ * dialed_dst returns what the connect hooks recorded for a socket they
+ * redirected, counting the getpeername answer the caller rewrites with it,
+ * or NULL for any other socket, whose peer address stays as it is.
+ */
+static __always_inline struct orig_dst *dialed_dst(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *od = bpf_sk_storage_get(&tether_orig_dst, ctx->sk, 0, 0);
+	if (od)
+		count(COUNTER_PEER_REWRITTEN);
+	return od;
 }
 
 SEC("cgroup/getpeername4")
 int tether_getpeername4(struct bpf_sock_addr *ctx)
 {
-	struct orig_dst *od = bpf_sk_storage_get(&tether_orig_dst, ctx->sk, 0, 0);
+	struct orig_dst *od = dialed_dst(ctx);
 	if (!od)
 		return 1;
 	ctx->user_ip4 = od->addr;
 	ctx->user_port = (__u32)od->port;
-	count(COUNTER_PEER_REWRITTEN);
 	return 1;
 }
 
 SEC("cgroup/getpeername6")
 int tether_getpeername6(struct bpf_sock_addr *ctx)
 {
-	struct orig_dst *od = bpf_sk_storage_get(&tether_orig_dst, ctx->sk, 0, 0);
+	struct orig_dst *od = dialed_dst(ctx);
 	if (!od)
 		return 1;
 	ctx->user_ip6[0] = 0;
@@ -145,7 +180,6 @@ int tether_getpeername6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
 	ctx->user_ip6[3] = od->addr;
 	ctx->user_port = (__u32)od->port;
-	count(COUNTER_PEER_REWRITTEN);
 	return 1;
 }
 

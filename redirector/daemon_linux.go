@@ -33,7 +33,7 @@ func New(cfg Config) (*Redirector, error) {
 	}
 	log := cfg.Logger
 	if log == nil {
-		log = slog.Default()
+		log = slog.New(slog.DiscardHandler)
 	}
 	cg, err := ResolveCgroup(cfg.Cgroup)
 	if err != nil {

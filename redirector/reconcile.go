@@ -61,7 +61,7 @@ type Reconciler struct {
 // NewReconciler returns a reconciler writing to m; destroy may be nil.
 func NewReconciler(m RouteMap, destroy Destroyer, log *slog.Logger) *Reconciler {
 	if log == nil {
-		log = slog.Default()
+		log = slog.New(slog.DiscardHandler)
 	}
 	return &Reconciler{m: m, destroy: destroy, log: log, live: map[netip.AddrPort]int{}}
 }
@@ -103,7 +103,8 @@ func (r *Reconciler) Replace(ctx context.Context, routes []registry.RouteState) 
 	r.entries = len(keys)
 	killed := r.trackLocked(routes, true)
 	r.mu.Unlock()
-	return r.destroyDead(ctx, killed)
+	r.destroyDead(ctx, killed)
+	return nil
 }
 
 // Update writes changed routes and deletes those without backends.
@@ -133,7 +134,8 @@ func (r *Reconciler) Update(ctx context.Context, routes []registry.RouteState) e
 	r.entries += len(putK) - len(delK) // approximate between full loads
 	killed := r.trackLocked(routes, false)
 	r.mu.Unlock()
-	return r.destroyDead(ctx, killed)
+	r.destroyDead(ctx, killed)
+	return nil
 }
 
 // trackLocked updates the live-backend census from routes and returns the
@@ -176,18 +178,19 @@ func (r *Reconciler) trackLocked(routes []registry.RouteState, full bool) []neti
 	return out
 }
 
-func (r *Reconciler) destroyDead(ctx context.Context, dead []netip.AddrPort) error {
+// destroyDead destroys the client sockets redirected to the dead backends.
+// A failure is logged and not returned: the map is already right, and the
+// sockets time out on their own, so it must not fail the sync.
+func (r *Reconciler) destroyDead(ctx context.Context, dead []netip.AddrPort) {
 	if r.destroy == nil || len(dead) == 0 {
-		return nil
+		return
 	}
 	n, err := r.destroy.Destroy(ctx, dead)
 	if err != nil {
-		// Not fatal for the map: the sockets will time out on their own.
 		r.log.Warn("could not destroy sockets of dead backends", "backends", len(dead), "err", err)
-		return nil
+		return
 	}
 	r.log.Info("destroyed client sockets of dead backends", "backends", fmt.Sprint(dead), "sockets", n)
-	return nil
 }
 
 func (r *Reconciler) encodeAll(routes []registry.RouteState) ([]bpf.RedirectRouteKey, []bpf.RedirectRouteValue) {

@@ -71,7 +71,7 @@ func run(big int) error {
 		return err
 	}
 	defer in.Close()
-	routes, err := ebpf.LoadPinnedMap(filepath.Join(pin, "tether_routes"), nil)
+	routes, err := ebpf.LoadPinnedMap(filepath.Join(pin, bpf.RedirectMapTetherRoutes), nil)
 	if err != nil {
 		return err
 	}

@@ -1,7 +1,0 @@
-//go:build !linux
-
-package testutil
-
-import "syscall"
-
-func dieWithParent() *syscall.SysProcAttr { return &syscall.SysProcAttr{} }

@@ -1,0 +1,88 @@
+package redirector
+
+import (
+	"fmt"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/tether-net/tether/bpf"
+)
+
+// ReadStatus reads the pinned maps and links under pinDir.
+func ReadStatus(pinDir string) (Status, error) {
+	st := Status{PinDir: pinDir}
+	// Maps are pinned by name (LIBBPF_PIN_BY_NAME), so a map's pin is its
+	// name as bpf2go generated it.
+	routes, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.RedirectMapTetherRoutes), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return st, fmt.Errorf("open pinned route map in %s (is the redirector installed?): %w", pinDir, permissionHint(err))
+	}
+	defer routes.Close()
+	keys, err := kernelRouteMap{routes}.Keys()
+	if err != nil {
+		return st, fmt.Errorf("count routes: %w", err)
+	}
+	st.Routes = len(keys)
+	st.Capacity = routes.MaxEntries()
+	counters, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.RedirectMapTetherCounters), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return st, fmt.Errorf("open pinned counters: %w", err)
+	}
+	defer counters.Close()
+	if st.Counters, err = Counters(counters); err != nil {
+		return st, err
+	}
+	for _, h := range hooks {
+		if l, err := link.LoadPinnedLink(filepath.Join(pinDir, h.name), nil); err == nil {
+			st.Links = append(st.Links, h.name)
+			l.Close()
+		}
+	}
+	return st, nil
+}
+
+// Counters reads the per-CPU counters, summed over CPUs, by name.
+func Counters(m *ebpf.Map) (map[string]uint64, error) {
+	out := map[string]uint64{}
+	for i := bpf.RedirectCounter(0); i < bpf.RedirectCounterCOUNTER_MAX; i++ {
+		sum, err := readCounter(m, i)
+		if err != nil {
+			return nil, err
+		}
+		out[counterName(i)] = sum
+	}
+	return out, nil
+}
+
+// readCounter reads one per-CPU counter, summed over CPUs.
+func readCounter(m *ebpf.Map, c bpf.RedirectCounter) (uint64, error) {
+	var per []uint64
+	k := uint32(c)
+	if err := m.Lookup(&k, &per); err != nil {
+		return 0, fmt.Errorf("read counter %d: %w", c, err)
+	}
+	var sum uint64
+	for _, v := range per {
+		sum += v
+	}
+	return sum, nil
+}
+
+// counterName is the name a counter has in Status and in metrics.
+func counterName(c bpf.RedirectCounter) string {
+	switch c {
+	case bpf.RedirectCounterCOUNTER_REDIRECTED:
+		return "redirected"
+	case bpf.RedirectCounterCOUNTER_NO_ROUTE:
+		return "no_route"
+	case bpf.RedirectCounterCOUNTER_NO_BACKEND:
+		return "no_live_backend"
+	case bpf.RedirectCounterCOUNTER_PEER_REWRITTEN:
+		return "getpeername_rewritten"
+	case bpf.RedirectCounterCOUNTER_DESTROYED:
+		return "sockets_destroyed"
+	}
+	return fmt.Sprintf("counter_%d", c)
+}
