@@ -27,8 +27,21 @@
 //	{P}:changes             STREAM entries {k: route|ps, id: <target>|<ps_id>},
 //	                               trimmed to about Config.StreamMaxLen entries
 //
+// A <ps_id> has the syntax of internal/ident (printable ASCII without
+// blanks, braces or colons), so it can neither reach into another key's
+// name nor change the hash tag.
+//
 // A change entry says only which key changed; readers re-read that key, so
 // replaying an entry twice, or out of order with a snapshot, is harmless.
+//
+// # Writers
+//
+// A PS renews its lease (RenewPS) and publishes its backends (Publish). It
+// gives ports up with Release, which quarantines them before it withdraws
+// them, in one script per batch: the PS does not hand a port to another
+// target before the quarantine ends, while some reader may still map it to
+// the old one, and no failure can leave a withdrawn port unquarantined.
+// Any PS collects the backends of dead PS nodes the same way (CollectDead).
 //
 // # Readers
 //

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/tether-net/tether/internal/textclip"
 )
 
 // ChangeKind says which kind of key a change entry names.
@@ -26,6 +28,12 @@ type Change struct {
 	Cursor string // the entry's stream id; resume after it
 	Kind   ChangeKind
 	ID     string
+}
+
+// addChange queues a change entry naming kind and id on pipe, so it is
+// written in the same transaction as the change itself.
+func (r *Registry) addChange(ctx context.Context, pipe redis.Pipeliner, kind ChangeKind, id string) {
+	pipe.XAdd(ctx, &redis.XAddArgs{Stream: r.keys.changes(), MaxLen: r.maxLen, Approx: true, Values: []any{"k", string(kind), "id", id}})
 }
 
 // emptyCursor is the position before the first entry ever written.
@@ -163,7 +171,7 @@ func (r *Registry) Refresh(ctx context.Context, changes []Change) (routes []Rout
 				psIDs = append(psIDs, c.ID)
 			}
 		default:
-			r.log.Warn("ignoring change of unknown kind", "kind", truncate(string(c.Kind)), "id", truncate(c.ID))
+			r.log.Warn("ignoring change of unknown kind", "kind", textclip.Short(string(c.Kind)), "id", textclip.Short(c.ID))
 		}
 	}
 	leases, err = r.readLeases(ctx, psIDs)
@@ -191,7 +199,7 @@ func (r *Registry) Refresh(ctx context.Context, changes []Change) (routes []Rout
 	for _, t := range targets {
 		ap, err := netip.ParseAddrPort(t)
 		if err != nil {
-			r.log.Warn("ignoring change for malformed target", "target", truncate(t))
+			r.log.Warn("ignoring change for malformed target", "target", textclip.Short(t))
 			continue
 		}
 		parsed = append(parsed, ap)

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
+
+	"github.com/tether-net/tether/internal/textclip"
 )
 
 // Errors returned by the registry. Callers match them with errors.Is.
@@ -103,17 +105,10 @@ type entry struct {
 func decodeEntry(raw string) (entry, error) {
 	var e entry
 	if err := json.Unmarshal([]byte(raw), &e); err != nil {
-		return e, fmt.Errorf("%w: route entry %q: %v", ErrBadData, truncate(raw), err)
+		return e, fmt.Errorf("%w: route entry %q: %v", ErrBadData, textclip.Short(raw), err)
 	}
 	if e.Port == 0 || e.AgentID == "" {
-		return e, fmt.Errorf("%w: route entry %q lacks port or agent_id", ErrBadData, truncate(raw))
+		return e, fmt.Errorf("%w: route entry %q lacks port or agent_id", ErrBadData, textclip.Short(raw))
 	}
 	return e, nil
-}
-
-func truncate(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "..."
-	}
-	return s
 }

@@ -1,30 +1,22 @@
 package testutil
 
 import (
-	"bytes"
+	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"sync"
-	"syscall"
 	"testing"
-	"time"
+
+	"github.com/tether-net/tether/internal/redisproc"
 )
 
 // Redis is a real redis-server started for one test, on a free loopback
 // port, with its own data directory (AOF on, so a restart keeps the data).
+// It is a testing wrapper over redisproc: failures fail the test.
 type Redis struct {
-	t    testing.TB
-	bin  string
-	dir  string
-	port int
-
-	mu  sync.Mutex
-	cmd *exec.Cmd
-	log *bytes.Buffer
+	t   testing.TB
+	srv *redisproc.Server
 }
 
 // StartRedis starts redis-server for t and stops it in t's cleanup. The
@@ -32,86 +24,54 @@ type Redis struct {
 func StartRedis(t testing.TB) *Redis {
 	t.Helper()
 	bin := RequireBinary(t, "redis-server")
-	r := &Redis{t: t, bin: bin, dir: t.TempDir(), port: FreePort(t)}
-	r.Start()
+	srv, err := redisproc.Start(context.Background(), redisproc.Options{Bin: bin, Dir: t.TempDir(), Persist: true})
+	if err != nil {
+		t.Fatalf("start redis-server: %v", err)
+	}
 	t.Cleanup(func() {
-		r.Stop()
+		if err := srv.Close(); err != nil {
+			t.Logf("stop redis-server: %v", err)
+		}
 		if t.Failed() {
-			r.mu.Lock()
-			t.Logf("redis-server log:\n%s", r.log.String())
-			r.mu.Unlock()
+			t.Logf("redis-server log:\n%s", srv.Log())
 		}
 	})
-	return r
+	return &Redis{t: t, srv: srv}
 }
 
 // Addr is host:port of the server.
-func (r *Redis) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(r.port)) }
+func (r *Redis) Addr() string { return r.srv.Addr() }
 
 // URL is the redis:// URL of the server.
-func (r *Redis) URL() string { return "redis://" + r.Addr() + "/0" }
+func (r *Redis) URL() string { return r.srv.URL() }
 
 // Start starts the server (again, after Stop) on the same port and data
-// directory, and waits until it accepts connections.
+// directory, and waits until it answers PING.
 func (r *Redis) Start() {
 	r.t.Helper()
-	r.mu.Lock()
-	if r.log == nil {
-		r.log = new(bytes.Buffer)
-	}
-	cmd := exec.Command(r.bin,
-		"--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
-		"--dir", r.dir, "--appendonly", "yes", "--appendfsync", "always",
-		"--save", "", "--protected-mode", "no", "--daemonize", "no",
-		"--logfile", "")
-	cmd.Stdout, cmd.Stderr = r.log, r.log
-	cmd.SysProcAttr = dieWithParent()
-	if err := cmd.Start(); err != nil {
-		r.mu.Unlock()
+	// Not t.Context(): that ends before cleanups run, and a cleanup may
+	// restart the server; redisproc's own timeout bounds the wait.
+	if err := r.srv.Start(context.Background()); err != nil {
 		r.t.Fatalf("start redis-server: %v", err)
 	}
-	r.cmd = cmd
-	r.mu.Unlock()
-	WaitTCP(r.t, r.Addr(), 10*time.Second)
 }
 
 // Stop stops the server with SIGTERM (it finishes writing its AOF) and
 // waits for it to exit. Stopping a stopped server does nothing.
 func (r *Redis) Stop() {
-	r.mu.Lock()
-	cmd := r.cmd
-	r.cmd = nil
-	r.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-		<-done
+	if err := r.srv.Stop(); err != nil {
+		r.t.Logf("stop redis-server: %v", err)
 	}
 }
 
 // Kill stops the server with SIGKILL, as a crash would.
-func (r *Redis) Kill() {
-	r.mu.Lock()
-	cmd := r.cmd
-	r.cmd = nil
-	r.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	_ = cmd.Process.Kill()
-	_ = cmd.Wait()
-}
+func (r *Redis) Kill() { _ = r.srv.Kill() }
 
 // Dir is the server's data directory.
-func (r *Redis) Dir() string { return r.dir }
+func (r *Redis) Dir() string { return r.srv.Dir() }
 
+// lookPath finds a program in PATH or the sbin directories a non-root PATH
+// often lacks. RequireBinary uses it for every program, not only Redis.
 func lookPath(name string) (string, error) {
 	if p, err := exec.LookPath(name); err == nil {
 		return p, nil

@@ -1,0 +1,126 @@
+package registry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Config configures a Registry.
+type Config struct {
+	// URL is a redis:// or rediss:// URL of a single server. For Sentinel or
+	// Cluster, use Addrs (and MasterName for Sentinel) instead.
+	URL string
+	// Addrs, when set, selects go-redis's universal client: several addresses
+	// mean a Cluster, or a Sentinel set when MasterName is set.
+	Addrs      []string
+	MasterName string
+	Password   string
+
+	// Prefix is the hash tag every key shares; default "tether".
+	Prefix string
+	// StreamMaxLen bounds the change stream (approximately); default 100000.
+	StreamMaxLen int64
+	// Logger receives warnings about malformed data; nil discards them.
+	Logger *slog.Logger
+	// Now is the clock; default time.Now. Tests may replace it.
+	Now func() time.Time
+}
+
+// Registry is the Redis-backed route registry. It is safe for concurrent use.
+type Registry struct {
+	rdb    redis.UniversalClient
+	keys   keys
+	maxLen int64
+	log    *slog.Logger
+	now    func() time.Time
+}
+
+// Timeouts of every Redis connection. A caller's ctx deadline, when
+// earlier, bounds a call further (see newClient).
+const (
+	dialTimeout = 2 * time.Second
+	ioTimeout   = 3 * time.Second
+)
+
+// New connects to Redis as cfg says. It does not wait for Redis to be
+// reachable: a registry outlives Redis restarts, and every call reports its
+// own error.
+func New(cfg Config) (*Registry, error) {
+	if cfg.Prefix == "" {
+		cfg.Prefix = "tether"
+	}
+	if strings.ContainsAny(cfg.Prefix, "{}: ") {
+		return nil, fmt.Errorf("registry prefix %q: must not contain braces, colons or blanks", cfg.Prefix)
+	}
+	if cfg.StreamMaxLen <= 0 {
+		cfg.StreamMaxLen = 100000
+	}
+	if cfg.Logger == nil {
+		// Silence is the default: the embedding program decides where
+		// logs go, never a process-wide default it did not ask for.
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	rdb, err := newClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	quietRedis()
+	return &Registry{rdb: rdb, keys: newKeys(cfg.Prefix), maxLen: cfg.StreamMaxLen, log: cfg.Logger, now: cfg.Now}, nil
+}
+
+// newClient builds the go-redis client cfg names. Both kinds set
+// ContextTimeoutEnabled: without it go-redis drops the caller's ctx for
+// socket reads and writes (only the 3s I/O timeouts apply), so a ctx
+// deadline would not bound a call to a Redis that stopped answering. With
+// it, a socket deadline is the earlier of the ctx deadline and the I/O
+// timeout; a ctx cancelled without a deadline still does not interrupt a
+// command already on the wire.
+func newClient(cfg Config) (redis.UniversalClient, error) {
+	switch {
+	case cfg.URL != "" && len(cfg.Addrs) > 0:
+		return nil, errors.New("registry: set either a Redis URL or addresses, not both")
+	case cfg.URL != "":
+		opt, err := redis.ParseURL(cfg.URL)
+		if err != nil {
+			return nil, fmt.Errorf("redis url %q: %w", cfg.URL, err)
+		}
+		if cfg.Password != "" {
+			opt.Password = cfg.Password
+		}
+		opt.DialTimeout = dialTimeout
+		opt.ReadTimeout = ioTimeout
+		opt.WriteTimeout = ioTimeout
+		opt.ContextTimeoutEnabled = true
+		opt.MaxRetries = 1
+		return redis.NewClient(opt), nil
+	case len(cfg.Addrs) > 0:
+		return redis.NewUniversalClient(&redis.UniversalOptions{
+			Addrs: cfg.Addrs, MasterName: cfg.MasterName, Password: cfg.Password,
+			DialTimeout: dialTimeout, ReadTimeout: ioTimeout, WriteTimeout: ioTimeout,
+			ContextTimeoutEnabled: true,
+			MaxRetries:            1,
+		}), nil
+	default:
+		return nil, errors.New("registry: no Redis URL or addresses given")
+	}
+}
+
+// Close closes the Redis connections.
+func (r *Registry) Close() error { return r.rdb.Close() }
+
+// Ping checks that Redis answers.
+func (r *Registry) Ping(ctx context.Context) error {
+	if err := r.rdb.Ping(ctx).Err(); err != nil {
+		return fmt.Errorf("ping redis: %w", err)
+	}
+	return nil
+}

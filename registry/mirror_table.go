@@ -1,0 +1,201 @@
+package registry
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sort"
+	"time"
+)
+
+// This file holds the Mirror's in-memory table: folding snapshots and
+// changes into it, expiring leases locally, and the views it hands to
+// Lookup and the Sink. mirror.go holds the loops that feed it.
+
+// apply folds a message into the state and tells the sink what changed.
+func (m *Mirror) apply(ctx context.Context, msg message) error {
+	now := m.now()
+	if msg.snapshot != nil {
+		m.mu.Lock()
+		m.entries = map[netip.AddrPort]map[string]entry{}
+		m.byPS = map[string]map[netip.AddrPort]struct{}{}
+		m.leases = map[string]PSLease{}
+		for id, l := range msg.snapshot.Leases {
+			m.leases[id] = l
+		}
+		for _, rt := range msg.snapshot.Routes {
+			m.setRouteLocked(rt)
+		}
+		m.seen = map[string]psView{}
+		for id, l := range m.leases {
+			m.seen[id] = viewOf(l, now)
+		}
+		all := make([]RouteState, 0, len(m.entries))
+		for t := range m.entries {
+			all = append(all, m.viewLocked(t, now))
+		}
+		m.metrics.routes.Set(float64(len(m.entries)))
+		m.mu.Unlock()
+		m.metrics.fullLoads.Inc()
+		if m.cfg.Sink != nil {
+			if err := m.cfg.Sink.Replace(ctx, all); err != nil {
+				return fmt.Errorf("replace %d routes: %w", len(all), err)
+			}
+		}
+		m.metrics.lastLoadDur.Set(m.now().Sub(msg.started).Seconds())
+		m.readyOnce.Do(func() { close(m.ready) })
+		return nil
+	}
+
+	m.mu.Lock()
+	affected := map[netip.AddrPort]struct{}{}
+	for _, rt := range msg.routes {
+		m.setRouteLocked(rt)
+		affected[rt.Target] = struct{}{}
+	}
+	for id, l := range msg.leases {
+		m.leases[id] = l
+	}
+	for _, id := range msg.gone {
+		delete(m.leases, id)
+	}
+	m.collectLeaseChangesLocked(now, affected)
+	out := m.viewsLocked(affected, now)
+	m.metrics.routes.Set(float64(len(m.entries)))
+	m.mu.Unlock()
+	m.metrics.changes.Add(float64(msg.changes))
+	if m.cfg.Sink != nil && len(out) > 0 {
+		if err := m.cfg.Sink.Update(ctx, out); err != nil {
+			return fmt.Errorf("update %d routes: %w", len(out), err)
+		}
+	}
+	return nil
+}
+
+// expire marks the backends of leases that lapsed since the last look.
+func (m *Mirror) expire(ctx context.Context) error {
+	now := m.now()
+	m.mu.Lock()
+	affected := map[netip.AddrPort]struct{}{}
+	n := m.collectLeaseChangesLocked(now, affected)
+	out := m.viewsLocked(affected, now)
+	m.mu.Unlock()
+	if n > 0 {
+		m.metrics.expired.Add(float64(n))
+		m.log.Info("ps leases lapsed, their backends are dead", "ps_nodes", n, "routes", len(out))
+	}
+	if m.cfg.Sink != nil && len(out) > 0 {
+		return m.cfg.Sink.Update(ctx, out)
+	}
+	return nil
+}
+
+// collectLeaseChangesLocked compares every PS's view with what the sink
+// last saw, adds the targets of those that changed to affected, and returns
+// how many PS nodes went from live to dead.
+func (m *Mirror) collectLeaseChangesLocked(now time.Time, affected map[netip.AddrPort]struct{}) int {
+	died := 0
+	ids := map[string]struct{}{}
+	for id := range m.seen {
+		ids[id] = struct{}{}
+	}
+	for id := range m.leases {
+		ids[id] = struct{}{}
+	}
+	for id := range ids {
+		l, ok := m.leases[id]
+		var v psView
+		if ok {
+			v = viewOf(l, now)
+		}
+		old, had := m.seen[id]
+		if had && old == v {
+			continue
+		}
+		if had && old.live && !v.live {
+			died++
+		}
+		if ok {
+			m.seen[id] = v
+		} else {
+			delete(m.seen, id)
+		}
+		for t := range m.byPS[id] {
+			affected[t] = struct{}{}
+		}
+	}
+	return died
+}
+
+// nextExpiry is how long until the earliest live lease lapses.
+func (m *Mirror) nextExpiry() time.Duration {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	now := m.now()
+	next := time.Minute
+	for _, l := range m.leases {
+		if l.Live(now) {
+			// A few ms late is better than waking just before the edge.
+			if d := l.ExpiresAt.Sub(now) + 5*time.Millisecond; d < next {
+				next = d
+			}
+		}
+	}
+	return next
+}
+
+func viewOf(l PSLease, now time.Time) psView {
+	return psView{addr: l.Addr, live: l.Live(now), draining: l.State == PSDraining}
+}
+
+// setRouteLocked replaces the entries of rt.Target with rt's backends.
+func (m *Mirror) setRouteLocked(rt Route) {
+	for ps := range m.entries[rt.Target] {
+		if set := m.byPS[ps]; set != nil {
+			delete(set, rt.Target)
+			if len(set) == 0 {
+				delete(m.byPS, ps)
+			}
+		}
+	}
+	if len(rt.Backends) == 0 {
+		delete(m.entries, rt.Target)
+		return
+	}
+	es := make(map[string]entry, len(rt.Backends))
+	for _, b := range rt.Backends {
+		es[b.PSID] = entry{Port: b.Address.Port(), AgentID: b.AgentID}
+		if m.byPS[b.PSID] == nil {
+			m.byPS[b.PSID] = map[netip.AddrPort]struct{}{}
+		}
+		m.byPS[b.PSID][rt.Target] = struct{}{}
+	}
+	m.entries[rt.Target] = es
+}
+
+func (m *Mirror) viewsLocked(targets map[netip.AddrPort]struct{}, now time.Time) []RouteState {
+	out := make([]RouteState, 0, len(targets))
+	for t := range targets {
+		out = append(out, m.viewLocked(t, now))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Target.Compare(out[j].Target) < 0 })
+	return out
+}
+
+// viewLocked joins a target's entries with the leases. Backends whose PS
+// has no lease (so no address) are left out: there is nowhere to send to.
+func (m *Mirror) viewLocked(target netip.AddrPort, now time.Time) RouteState {
+	rs := RouteState{Target: target}
+	for ps, e := range m.entries[target] {
+		l, ok := m.leases[ps]
+		if !ok || e.Port == 0 {
+			continue
+		}
+		rs.Backends = append(rs.Backends, BackendState{
+			PSID: ps, Address: netip.AddrPortFrom(l.Addr, e.Port), AgentID: e.AgentID,
+			Live: l.Live(now), Draining: l.State == PSDraining,
+		})
+	}
+	sort.Slice(rs.Backends, func(i, j int) bool { return rs.Backends[i].PSID < rs.Backends[j].PSID })
+	return rs
+}

@@ -1,0 +1,296 @@
+package registry
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tether-net/tether/internal/textclip"
+)
+
+// publishScript publishes backends of one PS. ARGV: ps_id, now_ms, maxlen,
+// then triples (target, port, agent_id). It returns, per triple, "" on
+// success or the id of the live agent that holds the target.
+var publishScript = redis.NewScript(`
+local p, ps, now, maxlen = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local res = {}
+local n = 0
+for i = 4, #ARGV, 3 do
+  local target, port, agent = ARGV[i], ARGV[i+1], ARGV[i+2]
+  local rkey = p .. ':route:' .. target
+  local holder = ''
+  local cur = redis.call('HGETALL', rkey)
+  for j = 1, #cur, 2 do
+    local other, raw = cur[j], cur[j+1]
+    local ok, e = pcall(cjson.decode, raw)
+    if ok and type(e) == 'table' and e.agent_id ~= agent then
+      local exp = tonumber(redis.call('HGET', p .. ':ps:' .. other, 'expires_ms') or '0') or 0
+      if exp > now then holder = tostring(e.agent_id) end
+    end
+    if other == ps and ok and type(e) == 'table' and tostring(e.port) ~= port then
+      redis.call('HDEL', p .. ':psroutes:' .. ps, tostring(e.port))
+    end
+  end
+  if holder == '' then
+    redis.call('HSET', rkey, ps, cjson.encode({port = tonumber(port), agent_id = agent}))
+    redis.call('SADD', p .. ':targets', target)
+    redis.call('HSET', p .. ':psroutes:' .. ps, port, target)
+    redis.call('XADD', p .. ':changes', 'MAXLEN', '~', maxlen, '*', 'k', 'route', 'id', target)
+  end
+  n = n + 1
+  res[n] = holder
+end
+return res
+`)
+
+// withdrawScript removes backends of one PS, first quarantining their ports
+// when asked. ARGV: ps_id, maxlen, quarantine_until_ms ("" for none), then
+// pairs (target, port).
+//
+// The quarantine of every port in the call is written before any backend
+// is removed: Redis does not roll a script back when it fails halfway, so
+// this order is what guarantees that no port is ever withdrawn without its
+// quarantine. A pair is removed only if the PS's backend for the target
+// still has that port, so a late withdraw never removes a newer publication
+// (its port is quarantined all the same: the PS gave it up). It returns the
+// number of backends removed.
+var withdrawScript = redis.NewScript(`
+local p, ps, maxlen, quntil = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+if quntil ~= '' then
+  local qkey = p .. ':quarantine:' .. ps
+  for i = 4, #ARGV, 2 do
+    redis.call('ZADD', qkey, 'GT', quntil, ARGV[i+1])
+  end
+end
+local removed = 0
+for i = 4, #ARGV, 2 do
+  local target, port = ARGV[i], ARGV[i+1]
+  local rkey = p .. ':route:' .. target
+  local raw = redis.call('HGET', rkey, ps)
+  local match = false
+  if raw then
+    local ok, e = pcall(cjson.decode, raw)
+    match = (not ok) or type(e) ~= 'table' or tostring(e.port) == port
+  end
+  if match then
+    redis.call('HDEL', rkey, ps)
+    if redis.call('HLEN', rkey) == 0 then redis.call('SREM', p .. ':targets', target) end
+    redis.call('XADD', p .. ':changes', 'MAXLEN', '~', maxlen, '*', 'k', 'route', 'id', target)
+    removed = removed + 1
+  end
+  if redis.call('HGET', p .. ':psroutes:' .. ps, port) == target then
+    redis.call('HDEL', p .. ':psroutes:' .. ps, port)
+  end
+end
+return removed
+`)
+
+// batchSize bounds how many publications one script call carries, so a
+// large registration does not block Redis for long.
+const batchSize = 500
+
+// Publish records backends of PS psID. It returns one error per publication,
+// in order: nil, or an error wrapping ErrConflict that names the agent that
+// holds the target. The second result is an error talking to Redis.
+func (r *Registry) Publish(ctx context.Context, psID string, pubs []Publication) ([]error, error) {
+	if err := validPSID(psID); err != nil {
+		return nil, err
+	}
+	out := make([]error, len(pubs))
+	for start := 0; start < len(pubs); start += batchSize {
+		end := min(start+batchSize, len(pubs))
+		args := []any{psID, r.now().UnixMilli(), r.maxLen}
+		for _, p := range pubs[start:end] {
+			if !p.Target.IsValid() || p.Port == 0 || p.AgentID == "" {
+				return nil, fmt.Errorf("publish %v: target, port and agent id are required", p)
+			}
+			args = append(args, p.Target.String(), strconv.Itoa(int(p.Port)), p.AgentID)
+		}
+		res, err := publishScript.Run(ctx, r.rdb, []string{r.keys.p}, args...).StringSlice()
+		if err != nil {
+			return nil, fmt.Errorf("publish routes of ps %s: %w", psID, err)
+		}
+		for i, holder := range res {
+			if holder != "" {
+				out[start+i] = fmt.Errorf("%w: %s is held by agent %q", ErrConflict, pubs[start+i].Target, holder)
+			}
+		}
+	}
+	return out, nil
+}
+
+// Withdraw removes backends of PS psID; each publication's AgentID is
+// ignored, its Target and Port must match what is recorded. A PS giving up
+// ports should call Release instead, which quarantines them first.
+func (r *Registry) Withdraw(ctx context.Context, psID string, pubs []Publication) error {
+	if err := validPSID(psID); err != nil {
+		return err
+	}
+	return r.withdraw(ctx, psID, pubs, "")
+}
+
+// Release is what a PS does with ports it gives up: it quarantines the
+// ports of pubs until until (a port already quarantined for longer keeps
+// its later time), so the PS does not hand them to another target while
+// some reader may still map them to the old one, and then withdraws the
+// backends as Withdraw does.
+//
+// Both happen in one script call per batch of 500, the quarantine first,
+// so no failure, halfway or otherwise, leaves a withdrawn port
+// unquarantined. A failed call may leave ports quarantined but not yet
+// withdrawn, which is safe; calling Release again finishes the job.
+func (r *Registry) Release(ctx context.Context, psID string, pubs []Publication, until time.Time) error {
+	if err := validPSID(psID); err != nil {
+		return err
+	}
+	return r.withdraw(ctx, psID, pubs, strconv.FormatInt(until.UnixMilli(), 10))
+}
+
+// withdraw runs withdrawScript over pubs in batches; quarantineUntil is
+// unix ms, or "" to withdraw without quarantine.
+func (r *Registry) withdraw(ctx context.Context, psID string, pubs []Publication, quarantineUntil string) error {
+	for start := 0; start < len(pubs); start += batchSize {
+		end := min(start+batchSize, len(pubs))
+		args := []any{psID, r.maxLen, quarantineUntil}
+		for _, p := range pubs[start:end] {
+			args = append(args, p.Target.String(), strconv.Itoa(int(p.Port)))
+		}
+		if err := withdrawScript.Run(ctx, r.rdb, []string{r.keys.p}, args...).Err(); err != nil {
+			return fmt.Errorf("withdraw routes of ps %s: %w", psID, err)
+		}
+	}
+	return nil
+}
+
+// PortsInUse returns the ports the registry records as used by psID's
+// backends (including leftovers of an earlier run of the same PS).
+func (r *Registry) PortsInUse(ctx context.Context, psID string) (map[uint16]netip.AddrPort, error) {
+	m, err := r.rdb.HGetAll(ctx, r.keys.psroutes(psID)).Result()
+	if err != nil {
+		return nil, fmt.Errorf("ports in use by ps %s: %w", psID, err)
+	}
+	out := make(map[uint16]netip.AddrPort, len(m))
+	for ps, t := range m {
+		port, err1 := strconv.ParseUint(ps, 10, 16)
+		target, err2 := netip.ParseAddrPort(t)
+		if err1 != nil || err2 != nil {
+			r.log.Warn("ignoring malformed port record", "ps_id", psID, "port", textclip.Short(ps), "target", textclip.Short(t))
+			continue
+		}
+		out[uint16(port)] = target
+	}
+	return out, nil
+}
+
+// WithdrawAll removes every backend PS psID has in the registry (a restarted
+// PS's leftovers, or a dead PS's, cleaned by a peer), quarantines their ports
+// until quarantineUntil, and returns the ports.
+func (r *Registry) WithdrawAll(ctx context.Context, psID string, quarantineUntil time.Time) ([]uint16, error) {
+	used, err := r.PortsInUse(ctx, psID)
+	if err != nil {
+		return nil, err
+	}
+	pubs := make([]Publication, 0, len(used))
+	ports := make([]uint16, 0, len(used))
+	for port, t := range used {
+		pubs = append(pubs, Publication{Target: t, Port: port})
+		ports = append(ports, port)
+	}
+	sort.Slice(ports, func(i, j int) bool { return ports[i] < ports[j] })
+	// Release's rule (quarantine before withdraw) without its id check: a
+	// peer cleaning up ids read back from Redis must not stop at a junk one.
+	if err := r.withdraw(ctx, psID, pubs, strconv.FormatInt(quarantineUntil.UnixMilli(), 10)); err != nil {
+		return nil, err
+	}
+	return ports, nil
+}
+
+// Quarantine records that ports of psID must not be reused before until.
+// A port already quarantined for longer keeps its later time.
+func (r *Registry) Quarantine(ctx context.Context, psID string, ports []uint16, until time.Time) error {
+	if len(ports) == 0 {
+		return nil
+	}
+	zs := make([]redis.Z, len(ports))
+	for i, p := range ports {
+		zs[i] = redis.Z{Score: float64(until.UnixMilli()), Member: strconv.Itoa(int(p))}
+	}
+	if err := r.rdb.ZAddArgs(ctx, r.keys.quarantine(psID), redis.ZAddArgs{GT: true, Members: zs}).Err(); err != nil {
+		return fmt.Errorf("quarantine ports of ps %s: %w", psID, err)
+	}
+	return nil
+}
+
+// Quarantined returns psID's ports whose quarantine has not ended at now,
+// with the time it ends; ended entries are removed on the way.
+func (r *Registry) Quarantined(ctx context.Context, psID string) (map[uint16]time.Time, error) {
+	key := r.keys.quarantine(psID)
+	now := r.now().UnixMilli()
+	if err := r.rdb.ZRemRangeByScore(ctx, key, "-inf", strconv.FormatInt(now, 10)).Err(); err != nil {
+		return nil, fmt.Errorf("expire quarantine of ps %s: %w", psID, err)
+	}
+	zs, err := r.rdb.ZRangeWithScores(ctx, key, 0, -1).Result()
+	if err != nil {
+		return nil, fmt.Errorf("read quarantine of ps %s: %w", psID, err)
+	}
+	out := make(map[uint16]time.Time, len(zs))
+	for _, z := range zs {
+		s, _ := z.Member.(string)
+		p, err := strconv.ParseUint(s, 10, 16)
+		if err != nil {
+			continue
+		}
+		out[uint16(p)] = time.UnixMilli(int64(z.Score))
+	}
+	return out, nil
+}
+
+// Forget removes a PS's lease and port records after its backends were
+// withdrawn (a clean shutdown, or a peer's cleanup of a dead PS). The
+// quarantine set stays until it runs out.
+func (r *Registry) Forget(ctx context.Context, psID string) error {
+	pipe := r.rdb.TxPipeline()
+	pipe.Del(ctx, r.keys.ps(psID))
+	pipe.SRem(ctx, r.keys.pses(), psID)
+	r.addChange(ctx, pipe, ChangePS, psID)
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("forget ps %s: %w", psID, err)
+	}
+	return nil
+}
+
+// CollectDead withdraws the backends of every PS whose lease lapsed more
+// than grace ago, quarantining their ports for quarantine, and forgets those
+// PS nodes. Any PS may run it; running it twice is harmless. It returns the
+// ids it collected.
+func (r *Registry) CollectDead(ctx context.Context, grace, quarantine time.Duration) ([]string, error) {
+	ids, err := r.rdb.SMembers(ctx, r.keys.pses()).Result()
+	if err != nil {
+		return nil, fmt.Errorf("list ps nodes: %w", err)
+	}
+	leases, err := r.readLeases(ctx, ids)
+	if err != nil {
+		return nil, err
+	}
+	now := r.now()
+	var dead []string
+	for _, id := range ids {
+		l, ok := leases[id]
+		if ok && now.Sub(l.ExpiresAt) < grace {
+			continue
+		}
+		if _, err := r.WithdrawAll(ctx, id, now.Add(quarantine)); err != nil {
+			return dead, err
+		}
+		if err := r.Forget(ctx, id); err != nil {
+			return dead, err
+		}
+		dead = append(dead, id)
+	}
+	return dead, nil
+}
