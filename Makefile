@@ -28,8 +28,8 @@ test-unit: ## only the tests that need no root
 
 bench: build ## benchmarks, as ratios against a baseline measured in the same run
 	$(GO) run ./test/bench/tunnel
-	@if [ -d test/bench/redirector ]; then $(GO) run ./test/bench/redirector; fi
-	@if [ -d test/bench/proxy ]; then $(GO) run ./test/bench/proxy; fi
+	$(GO) run ./test/bench/redirector
+	$(GO) run ./test/bench/proxy
 
 demo: setup build ## the whole system in a simulated company network
 	$(GO) run ./scripts/demo --tether $(CURDIR)/$(BIN)

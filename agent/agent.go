@@ -19,6 +19,8 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tether-net/tether/internal/cliconfig"
+	"github.com/tether-net/tether/internal/jitter"
+	"github.com/tether-net/tether/internal/relay"
 	"github.com/tether-net/tether/tunnel"
 )
 
@@ -76,7 +78,7 @@ func New(cfg Config) (*Agent, error) {
 	token := cfg.Token
 	if token == "" {
 		var err error
-		if token, err = cliconfig.ReadSecret(cfg.TokenFile, tunnel.TokenEnv); err != nil {
+		if token, err = cliconfig.ReadSecret(cfg.TokenFile, cliconfig.TokenEnv); err != nil {
 			return nil, err
 		}
 	}
@@ -379,7 +381,7 @@ func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log
 		var retry <-chan time.Time
 		var t *time.Timer
 		if retryable(s.Welcome) {
-			t = time.NewTimer(jitter(a.cfg.RetryRefused))
+			t = time.NewTimer(jitter.Spread(a.cfg.RetryRefused, 0.5))
 			retry = t.C
 		}
 		select {
@@ -437,11 +439,6 @@ func retryable(w *tunnel.Welcome) bool {
 	return false
 }
 
-// jitter scales d by a random factor in [0.5, 1.5).
-func jitter(d time.Duration) time.Duration {
-	return time.Duration(float64(d) * (0.5 + rand.Float64()))
-}
-
 // handleStream answers one stream: it checks the target is exposed, dials
 // it, reports the outcome, then joins the two.
 func (a *Agent) handleStream(in *tunnel.Incoming, log *slog.Logger) {
@@ -485,7 +482,7 @@ func (a *Agent) handleStream(in *tunnel.Incoming, log *slog.Logger) {
 	}
 	a.m.streamsOpen.Inc()
 	defer a.m.streamsOpen.Dec()
-	_, _, _ = tunnel.Join(st, conn.(*net.TCPConn), a.m.bytesIn, a.m.bytesOut)
+	_, _, _ = relay.Join(st, conn.(*net.TCPConn), a.m.bytesIn, a.m.bytesOut)
 }
 
 func dialCode(err error) tunnel.StreamCode {

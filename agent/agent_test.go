@@ -19,35 +19,12 @@ import (
 
 	"github.com/tether-net/tether/agent"
 	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/internal/tunneltest"
+	"github.com/tether-net/tether/ps"
 	"github.com/tether-net/tether/registry"
-	"github.com/tether-net/tether/tunnel"
-	"github.com/tether-net/tether/tunnel/tunneltest"
 )
 
 const bulkSize = 50 << 20
-
-// serve runs handle for every connection to a new loopback listener.
-func serve(t *testing.T, handle func(c *net.TCPConn)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				handle(c.(*net.TCPConn))
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
 
 // prng is a deterministic byte source, so both ends can compute the same
 // 50 MB without holding it.
@@ -93,8 +70,8 @@ func TestTwoPSOneAgentCarryTraffic(t *testing.T) {
 	})}
 	go func() { _ = hs.Serve(httpLn) }()
 	t.Cleanup(func() { hs.Close() })
-	download := serve(t, func(c *net.TCPConn) { _, _ = io.CopyN(c, prng(7), bulkSize) })
-	upload := serve(t, func(c *net.TCPConn) {
+	download := tunneltest.Serve(t, func(c *net.TCPConn) { _, _ = io.CopyN(c, prng(7), bulkSize) })
+	upload := tunneltest.Serve(t, func(c *net.TCPConn) {
 		sum := sumOf(c) // until the client's FIN
 		_, _ = io.WriteString(c, sum)
 	})
@@ -180,7 +157,7 @@ func TestAgentKeepsTwoDistinctPSNodes(t *testing.T) {
 		t.Fatalf("agent holds %v, want one tunnel", held)
 	}
 
-	ps2 := tunneltest.StartPS(t, rd.URL(), "ps2", func(c *tunnel.PSConfig) { c.Listen = ps2Listen })
+	ps2 := tunneltest.StartPS(t, rd.URL(), "ps2", func(c *ps.Config) { c.Listen = ps2Listen })
 	tunneltest.WaitBackends(t, reg, target, 2)
 	waitHeld(t, a, "ps1", "ps2")
 
@@ -189,7 +166,7 @@ func TestAgentKeepsTwoDistinctPSNodes(t *testing.T) {
 	if got, err := tunneltest.Ask(mustBackend(t, reg, target)); err != nil || got != "a1" {
 		t.Fatalf("through the remaining PS: %q, %v", got, err)
 	}
-	tunneltest.StartPS(t, rd.URL(), "ps2", func(c *tunnel.PSConfig) { c.Listen = ps2Listen })
+	tunneltest.StartPS(t, rd.URL(), "ps2", func(c *ps.Config) { c.Listen = ps2Listen })
 	tunneltest.WaitBackends(t, reg, target, 2)
 	waitHeld(t, a, "ps1", "ps2")
 }
@@ -221,8 +198,8 @@ func TestOneNameWithSeveralAddressesIsSeveralServers(t *testing.T) {
 	rd := testutil.StartRedis(t)
 	reg := tunneltest.NewRegistry(t, rd.URL())
 	port := testutil.FreePort(t)
-	tunneltest.StartPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) { c.Listen = fmt.Sprintf("127.0.0.1:%d", port) })
-	tunneltest.StartPS(t, rd.URL(), "ps2", func(c *tunnel.PSConfig) { c.Listen = fmt.Sprintf("127.0.0.2:%d", port) })
+	tunneltest.StartPS(t, rd.URL(), "ps1", func(c *ps.Config) { c.Listen = fmt.Sprintf("127.0.0.1:%d", port) })
+	tunneltest.StartPS(t, rd.URL(), "ps2", func(c *ps.Config) { c.Listen = fmt.Sprintf("127.0.0.2:%d", port) })
 	srv := tunneltest.IdentityServer(t, "a1")
 	a, _, _ := tunneltest.StartAgent(t, "a1", "127.77.0.7", []string{fmt.Sprintf("ps.pool.test:%d", port)}, []string{"9100=" + srv},
 		func(c *agent.Config) {

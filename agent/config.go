@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tether-net/tether/internal/ident"
 	"github.com/tether-net/tether/tunnel"
 )
 
@@ -101,7 +102,7 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--server %q: want HOST:PORT", s))
 		}
 	}
-	if err := tunnel.ValidID(c.ID); err != nil {
+	if err := ident.Valid(c.ID); err != nil {
 		errs = append(errs, fmt.Errorf("--id: %w", err))
 	}
 	if c.IP != "" {

@@ -11,8 +11,8 @@ import (
 
 	"github.com/tether-net/tether/agent"
 	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/internal/tunneltest"
 	"github.com/tether-net/tether/tunnel"
-	"github.com/tether-net/tether/tunnel/tunneltest"
 )
 
 // fakePS accepts one tunnel with the protocol's own primitives and hands

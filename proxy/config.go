@@ -8,7 +8,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tether-net/tether/internal/cliconfig"
+	"github.com/tether-net/tether/internal/cidr"
 )
 
 // Config configures the proxy.
@@ -47,7 +47,7 @@ func (c *Config) Validate() error {
 	if c.Socks == "" && c.HTTP == "" {
 		errs = append(errs, errors.New("set --socks, --http or both"))
 	}
-	if _, err := cliconfig.ParseCIDRs(c.AllowClients); err != nil {
+	if _, err := cidr.Parse(c.AllowClients); err != nil {
 		errs = append(errs, fmt.Errorf("--allow-clients: %w", err))
 	}
 	if c.DialTimeout <= 0 {

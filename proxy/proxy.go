@@ -19,7 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/tether-net/tether/internal/cliconfig"
+	"github.com/tether-net/tether/internal/cidr"
 	"github.com/tether-net/tether/registry"
 )
 
@@ -44,7 +44,7 @@ type Proxy struct {
 	routes  Lookup
 	mirror  *registry.Mirror // nil when routes was injected
 	reg     *registry.Registry
-	allow   []netip.Prefix
+	allow   cidr.List
 	users   map[string]string
 	metrics metrics
 
@@ -85,9 +85,9 @@ func New(cfg Config) (*Proxy, error) {
 // newWithLookup builds a proxy over any route table (tests).
 func newWithLookup(cfg Config, routes Lookup) (*Proxy, error) {
 	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	allow, err := cliconfig.ParseCIDRs(cfg.AllowClients)
+	allow, err := cidr.Parse(cfg.AllowClients)
 	if err != nil {
 		return nil, err
 	}
@@ -228,12 +228,8 @@ func (a *allowListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
-			for _, pre := range a.p.allow {
-				if pre.Contains(ap.Addr().Unmap()) {
-					return c, nil
-				}
-			}
+		if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil && a.p.allow.Contains(ap.Addr()) {
+			return c, nil
 		}
 		a.p.metrics.rejected.Inc()
 		a.p.log.Warn("client outside --allow-clients refused", "client", c.RemoteAddr().String())

@@ -16,8 +16,8 @@ import (
 	"time"
 
 	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/internal/tunneltest"
 	"github.com/tether-net/tether/registry"
-	"github.com/tether-net/tether/tunnel/tunneltest"
 )
 
 // stack: a real Redis, two PS nodes and an agent exposing 127.77.0.1:9100

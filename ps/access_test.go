@@ -1,4 +1,4 @@
-package tunnel_test
+package ps_test
 
 import (
 	"context"
@@ -13,9 +13,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tether-net/tether/agent"
+	"github.com/tether-net/tether/internal/testutil"
 	tu "github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/internal/tunneltest"
+	"github.com/tether-net/tether/ps"
 	"github.com/tether-net/tether/tunnel"
-	"github.com/tether-net/tether/tunnel/tunneltest"
 )
 
 // askFrom connects from a given loopback source address.
@@ -40,7 +42,7 @@ func askFrom(src, addr string) (string, error) {
 func TestAllowClientsAndAgentCIDRs(t *testing.T) {
 	rd := tu.StartRedis(t)
 	reg := prometheus.NewRegistry()
-	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) {
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *ps.Config) {
 		c.AllowClients = []string{"127.0.0.2/32"}
 		c.AgentCIDRs = []string{"127.77.0.0/16"}
 		c.Registerer = reg
@@ -56,7 +58,7 @@ func TestAllowClientsAndAgentCIDRs(t *testing.T) {
 	if got, err := askFrom("127.0.0.1", be.Address.String()); err == nil || got != "" {
 		t.Fatalf("a client outside --allow-clients got %q, %v", got, err)
 	}
-	if n := counterValue(t, reg, "tether_ps_clients_rejected_total"); n != 1 {
+	if n := testutil.MetricValue(t, reg, "tether_ps_clients_rejected_total"); n != 1 {
 		t.Fatalf("clients rejected = %v, want 1", n)
 	}
 
@@ -76,25 +78,10 @@ func TestAllowClientsAndAgentCIDRs(t *testing.T) {
 	}
 }
 
-func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return mf.GetMetric()[0].GetCounter().GetValue()
-		}
-	}
-	t.Fatalf("metric %s not registered", name)
-	return 0
-}
-
 // Handshakes beyond --max-handshakes are refused as busy at once.
 func TestHandshakeLimitRefusesBusy(t *testing.T) {
 	rd := tu.StartRedis(t)
-	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) {
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *ps.Config) {
 		c.MaxHandshakes = 1
 		c.HandshakeTimeout = 5 * time.Second
 	})
@@ -119,7 +106,7 @@ func TestHandshakeLimitRefusesBusy(t *testing.T) {
 func TestTLSTunnelsEndToEnd(t *testing.T) {
 	rd := tu.StartRedis(t)
 	pki := tunneltest.NewPKI(t)
-	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *tunnel.PSConfig) {
+	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *ps.Config) {
 		c.TLSCert, c.TLSKey, c.TLSCA = pki.ServerCert, pki.ServerKey, pki.CA
 	})
 	r := tunneltest.NewRegistry(t, rd.URL())

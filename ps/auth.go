@@ -1,19 +1,21 @@
-package tunnel
+package ps
 
 import (
 	"bufio"
 	"crypto/subtle"
 	"fmt"
-	"net/netip"
 	"os"
 	"strings"
+
+	"github.com/tether-net/tether/internal/cidr"
+	"github.com/tether-net/tether/tunnel"
 )
 
 // tokenRule is one line of a token file: a token and, optionally, the CIDRs
 // its holder may expose endpoints in.
 type tokenRule struct {
 	token []byte
-	cidrs []netip.Prefix // empty = any address
+	cidrs cidr.List // empty = any address
 }
 
 // authorizer checks agents' tokens. With no rule at all it accepts every
@@ -53,8 +55,8 @@ func parseTokens(sc *bufio.Scanner, name string) (*authorizer, error) {
 		if len(fields) > 2 {
 			return nil, fmt.Errorf("token file %s line %d: want a token and an optional CIDR list (comma-separated, no blanks)", name, line)
 		}
-		if len(fields[0]) > MaxTokenLen {
-			return nil, fmt.Errorf("token file %s line %d: token longer than %d bytes", name, line, MaxTokenLen)
+		if len(fields[0]) > tunnel.MaxTokenLen {
+			return nil, fmt.Errorf("token file %s line %d: token longer than %d bytes", name, line, tunnel.MaxTokenLen)
 		}
 		r := tokenRule{token: []byte(fields[0])}
 		if len(fields) == 2 {
@@ -62,7 +64,7 @@ func parseTokens(sc *bufio.Scanner, name string) (*authorizer, error) {
 				if c == "" {
 					continue
 				}
-				p, err := parsePrefix(c)
+				p, err := cidr.ParseOne(c)
 				if err != nil {
 					return nil, fmt.Errorf("token file %s line %d: %w", name, line, err)
 				}
@@ -78,17 +80,6 @@ func parseTokens(sc *bufio.Scanner, name string) (*authorizer, error) {
 		return nil, fmt.Errorf("token file %s holds no token", name)
 	}
 	return a, nil
-}
-
-func parsePrefix(s string) (netip.Prefix, error) {
-	if p, err := netip.ParsePrefix(s); err == nil {
-		return p.Masked(), nil
-	}
-	ip, err := netip.ParseAddr(s)
-	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("%q is neither a CIDR nor an IP address", s)
-	}
-	return netip.PrefixFrom(ip, ip.BitLen()), nil
 }
 
 // open reports whether the authorizer accepts any token.
@@ -109,18 +100,4 @@ func (a *authorizer) check(token string) (*tokenRule, bool) {
 		}
 	}
 	return match, match != nil
-}
-
-// inPrefixes reports whether ip is in one of ps; an empty list allows all.
-func inPrefixes(ps []netip.Prefix, ip netip.Addr) bool {
-	if len(ps) == 0 {
-		return true
-	}
-	ip = ip.Unmap()
-	for _, p := range ps {
-		if p.Contains(ip) {
-			return true
-		}
-	}
-	return false
 }

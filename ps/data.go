@@ -1,21 +1,24 @@
-package tunnel
+package ps
 
 import (
 	"errors"
 	"net"
 	"net/netip"
 	"time"
+
+	"github.com/tether-net/tether/internal/relay"
+	"github.com/tether-net/tether/tunnel"
 )
 
 // OpenTimeout bounds opening a stream on a tunnel for a client connection.
 const OpenTimeout = 5 * time.Second
 
-// HandleConn carries a client connection that arrived on port over the
-// tunnel of the agent that owns the port. It is the ConnHandler of the PS's
-// DataPlane.
-func (p *PS) HandleConn(port uint16, c net.Conn) {
+// handleConn carries a client connection that arrived on port over the
+// tunnel of the agent that owns the port. It is the connHandler of the PS's
+// data plane.
+func (p *PS) handleConn(port uint16, c net.Conn) {
 	src := addrPortOf(c.RemoteAddr())
-	if len(p.allow) > 0 && !inPrefixes(p.allow, src.Addr()) {
+	if !p.allow.Allows(src.Addr()) {
 		p.m.clientsRejected.Inc()
 		p.log.Debug("client outside --allow-clients", "port", port, "client", src.String())
 		reset(c)
@@ -50,19 +53,15 @@ func (p *PS) HandleConn(port uint16, c net.Conn) {
 	p.m.streams.Inc()
 	p.m.streamsOpen.Inc()
 	defer p.m.streamsOpen.Dec()
-	st, err := s.tun.Open(StreamHeader{Target: b.target, Source: src}, OpenTimeout)
+	st, err := s.tun.Open(tunnel.StreamHeader{Target: b.target, Source: src}, OpenTimeout)
 	if err != nil {
 		p.m.streamErrors.WithLabelValues("open_failed").Inc()
 		s.log.Debug("open stream failed", "target", b.target.String(), "client", src.String(), "err", err)
 		reset(c)
 		return
 	}
-	client, ok := c.(HalfCloser)
-	if !ok {
-		client = noHalfClose{c}
-	}
-	_, _, err = Join(client, st, p.m.bytesToAgent, p.m.bytesFromAgent)
-	var se *StreamError
+	_, _, err = relay.Join(relay.HalfClose(c), st, p.m.bytesToAgent, p.m.bytesFromAgent)
+	var se *tunnel.StreamError
 	if errors.As(err, &se) {
 		p.m.streamErrors.WithLabelValues(se.Code.String()).Inc()
 		s.log.Debug("agent refused stream", "target", b.target.String(), "client", src.String(), "code", se.Code.String(), "reason", se.Message)
@@ -71,7 +70,7 @@ func (p *PS) HandleConn(port uint16, c net.Conn) {
 
 // reset closes c with a RST, so the client sees a refusal at once.
 func reset(c net.Conn) {
-	resetOnClose(c)
+	relay.Reset(c)
 	_ = c.Close()
 }
 
@@ -83,9 +82,3 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 	ap, _ := netip.ParseAddrPort(a.String())
 	return ap
 }
-
-// noHalfClose adapts a net.Conn without CloseWrite: the half-close becomes
-// a full close.
-type noHalfClose struct{ net.Conn }
-
-func (n noHalfClose) CloseWrite() error { return n.Conn.Close() }

@@ -1,4 +1,4 @@
-package tunnel
+package ps
 
 import (
 	"errors"
@@ -11,15 +11,15 @@ import (
 	"time"
 )
 
-// ConnHandler is told "a connection arrived for local port P". It owns c.
-type ConnHandler func(port uint16, c net.Conn)
+// connHandler is told "a connection arrived for local port P". It owns c.
+type connHandler func(port uint16, c net.Conn)
 
-// DataPlane is the PS's accept path for client connections. The PS asks
-// it to start and stop accepting on ports; it calls the ConnHandler for
+// dataPlane is the PS's accept path for client connections. The PS asks
+// it to start and stop accepting on ports; it calls the connHandler for
 // each connection. This is the whole interface, so that one socket steered
 // by an sk_lookup program can replace the per-port listeners below without
 // the rest of the PS noticing.
-type DataPlane interface {
+type dataPlane interface {
 	// Open starts accepting on port; an error means the port cannot be
 	// used (the OS refused the bind).
 	Open(port uint16) error
@@ -29,10 +29,10 @@ type DataPlane interface {
 	Close() error
 }
 
-// listenerPlane is a DataPlane with one listening socket per port.
+// listenerPlane is a dataPlane with one listening socket per port.
 type listenerPlane struct {
 	addr    netip.Addr
-	handler ConnHandler
+	handler connHandler
 	log     *slog.Logger
 
 	mu     sync.Mutex
@@ -41,7 +41,7 @@ type listenerPlane struct {
 	wg     sync.WaitGroup
 }
 
-func newListenerPlane(addr netip.Addr, h ConnHandler, log *slog.Logger) *listenerPlane {
+func newListenerPlane(addr netip.Addr, h connHandler, log *slog.Logger) *listenerPlane {
 	return &listenerPlane{addr: addr, handler: h, log: log, lns: map[uint16]net.Listener{}}
 }
 

@@ -1,11 +1,11 @@
-package tunnel
+package ps
 
 import (
 	"context"
-	"math/rand/v2"
 	"net/netip"
 	"time"
 
+	"github.com/tether-net/tether/internal/jitter"
 	"github.com/tether-net/tether/registry"
 )
 
@@ -58,12 +58,6 @@ func (p *PS) updateGauges() {
 	p.m.endpoints.Set(float64(n))
 }
 
-// jitter returns d scaled by a random factor in [0.8, 1.2), so the PS
-// nodes of a pool do not run their periodic work in step.
-func jitter(d time.Duration) time.Duration {
-	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-}
-
 // collectLoop removes the leftovers of dead peers (and of this PS's own
 // earlier life): every PS runs it, running it twice is harmless.
 func (p *PS) collectLoop(ctx context.Context) {
@@ -72,7 +66,7 @@ func (p *PS) collectLoop(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(jitter(every)):
+		case <-time.After(jitter.Spread(every, 0.2)):
 		}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		dead, err := p.reg.CollectDead(cctx, 2*p.cfg.Lease, p.cfg.Quarantine)
@@ -95,7 +89,7 @@ func (p *PS) resyncLoop(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(jitter(p.cfg.Resync)):
+		case <-time.After(jitter.Spread(p.cfg.Resync, 0.2)):
 		}
 		if p.draining.Load() {
 			return
@@ -147,16 +141,11 @@ func (p *PS) resync(ctx context.Context) error {
 	if len(stale) > 0 {
 		until := time.Now().Add(p.cfg.Quarantine)
 		q := make(map[uint16]time.Time, len(stale))
-		ports := make([]uint16, 0, len(stale))
 		for _, s := range stale {
 			q[s.Port] = until
-			ports = append(ports, s.Port)
 		}
 		p.alloc.quarantineUntil(q)
-		if err := p.reg.Quarantine(ctx, p.cfg.ID, ports, until); err != nil {
-			return err
-		}
-		if err := p.reg.Withdraw(ctx, p.cfg.ID, stale); err != nil {
+		if err := p.reg.Release(ctx, p.cfg.ID, stale, until); err != nil {
 			return err
 		}
 		p.log.Info("resync withdrew routes this ps no longer serves", "routes", len(stale))
@@ -186,28 +175,23 @@ func (p *PS) resync(ctx context.Context) error {
 // sending new connections at once), the ports are quarantined and the
 // routes withdrawn, accepting stops, in-flight connections get up to
 // DrainTimeout to finish, then the tunnels close and the PS is forgotten.
-func (p *PS) drain() {
+func (p *PS) drain(ctx context.Context) {
 	p.draining.Store(true)
 	start := time.Now()
 	p.log.Info("draining", "drain_timeout", p.cfg.DrainTimeout)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := p.renew(ctx, registry.PSDraining); err != nil {
 		p.log.Warn("drain: could not mark the lease draining", "err", err)
 	}
 	p.bmu.RLock()
-	ports := make([]uint16, 0, len(p.bindings))
 	pubs := make([]registry.Publication, 0, len(p.bindings))
 	for port, b := range p.bindings {
-		ports = append(ports, port)
 		pubs = append(pubs, registry.Publication{Target: b.target, Port: port})
 	}
 	p.bmu.RUnlock()
-	if err := p.reg.Quarantine(ctx, p.cfg.ID, ports, time.Now().Add(p.cfg.Quarantine)); err != nil {
-		p.log.Warn("drain: quarantine failed", "err", err)
-	}
-	if err := p.reg.Withdraw(ctx, p.cfg.ID, pubs); err != nil {
-		p.log.Warn("drain: withdraw failed", "err", err)
+	if err := p.reg.Release(ctx, p.cfg.ID, pubs, time.Now().Add(p.cfg.Quarantine)); err != nil {
+		p.log.Warn("drain: release of the routes failed", "routes", len(pubs), "err", err)
 	}
 	p.lnMu.Lock()
 	if p.ln != nil {

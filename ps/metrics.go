@@ -1,4 +1,4 @@
-package tunnel
+package ps
 
 import "github.com/prometheus/client_golang/prometheus"
 

@@ -1,4 +1,4 @@
-package tunnel
+package ps
 
 import (
 	"context"
@@ -15,16 +15,15 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/tether-net/tether/internal/cidr"
 	"github.com/tether-net/tether/internal/cliconfig"
+	"github.com/tether-net/tether/internal/ident"
 	"github.com/tether-net/tether/registry"
+	"github.com/tether-net/tether/tunnel"
 )
 
-// TokenEnv is the environment variable holding the token when no token
-// file is given (a token is never a flag value).
-const TokenEnv = "TETHER_TOKEN"
-
-// PSConfig configures a PS node.
-type PSConfig struct {
+// Config configures a PS node.
+type Config struct {
 	ID           string   `yaml:"id" flag:"id" usage:"this PS's id, unique in the pool"`
 	Listen       string   `yaml:"listen" flag:"listen" usage:"address to accept agents' tunnels on"`
 	Advertise    string   `yaml:"advertise" flag:"advertise" usage:"IP clients reach this PS at; data ports listen on it"`
@@ -54,14 +53,11 @@ type PSConfig struct {
 	// Registry, when set, is used instead of connecting to Redis; the PS
 	// does not close it.
 	Registry *registry.Registry `yaml:"-"`
-	// DataPlane, when set, replaces the per-port listeners. Its handler is
-	// the PS's HandleConn.
-	DataPlane func(h ConnHandler) DataPlane `yaml:"-"`
 }
 
-// DefaultPSConfig returns the defaults.
-func DefaultPSConfig() PSConfig {
-	return PSConfig{
+// DefaultConfig returns the defaults.
+func DefaultConfig() Config {
+	return Config{
 		Listen:           ":7000",
 		Ports:            "20000-29999",
 		Redis:            "redis://127.0.0.1:6379/0",
@@ -72,15 +68,15 @@ func DefaultPSConfig() PSConfig {
 		HandshakeTimeout: 10 * time.Second,
 		MaxHandshakes:    64,
 		HandshakeRate:    500,
-		StreamWindow:     DefaultStreamWindow,
+		StreamWindow:     tunnel.DefaultStreamWindow,
 		Resync:           10 * time.Second,
 	}
 }
 
 // Validate checks the configuration and names what is wrong.
-func (c *PSConfig) Validate() error {
+func (c *Config) Validate() error {
 	var errs []error
-	if err := ValidID(c.ID); err != nil {
+	if err := ident.Valid(c.ID); err != nil {
 		errs = append(errs, fmt.Errorf("--id: %w", err))
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
@@ -95,10 +91,10 @@ func (c *PSConfig) Validate() error {
 	if c.Redis == "" && c.Registry == nil {
 		errs = append(errs, errors.New("--redis is required"))
 	}
-	if _, err := cliconfig.ParseCIDRs(c.AllowClients); err != nil {
+	if _, err := cidr.Parse(c.AllowClients); err != nil {
 		errs = append(errs, fmt.Errorf("--allow-clients: %w", err))
 	}
-	if _, err := cliconfig.ParseCIDRs(c.AgentCIDRs); err != nil {
+	if _, err := cidr.Parse(c.AgentCIDRs); err != nil {
 		errs = append(errs, fmt.Errorf("--agent-cidrs: %w", err))
 	}
 	if c.Lease <= 0 || c.Renew <= 0 || c.Renew*2 > c.Lease {
@@ -126,7 +122,7 @@ func (c *PSConfig) Validate() error {
 // per exposed endpoint, carries each client connection over the owning
 // agent's tunnel, and keeps the registry's view of its routes alive.
 type PS struct {
-	cfg       PSConfig
+	cfg       Config
 	log       *slog.Logger
 	reg       *registry.Registry
 	ownReg    bool
@@ -134,11 +130,11 @@ type PS struct {
 	auth      *authorizer
 	gate      *gate
 	alloc     *portAllocator
-	plane     DataPlane
+	plane     dataPlane
 	m         *psMetrics
 	advertise netip.Addr
-	allow     []netip.Prefix
-	agentNets []netip.Prefix
+	allow     cidr.List
+	agentNets cidr.List
 	window    uint32
 
 	lnMu sync.Mutex
@@ -161,7 +157,7 @@ type PS struct {
 }
 
 // New builds a PS from cfg. It does not listen yet: Run does.
-func New(cfg PSConfig) (*PS, error) {
+func New(cfg Config) (*PS, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -173,13 +169,13 @@ func New(cfg PSConfig) (*PS, error) {
 	}
 	log := cfg.Logger.With("ps_id", cfg.ID)
 	pr, _ := ParsePortRange(cfg.Ports)
-	allow, _ := cliconfig.ParseCIDRs(cfg.AllowClients)
-	agentNets, _ := cliconfig.ParseCIDRs(cfg.AgentCIDRs)
-	tlsCfg, err := ServerTLSConfig(TLSFiles{Cert: cfg.TLSCert, Key: cfg.TLSKey, CA: cfg.TLSCA})
+	allow, _ := cidr.Parse(cfg.AllowClients)
+	agentNets, _ := cidr.Parse(cfg.AgentCIDRs)
+	tlsCfg, err := tunnel.ServerTLSConfig(tunnel.TLSFiles{Cert: cfg.TLSCert, Key: cfg.TLSKey, CA: cfg.TLSCA})
 	if err != nil {
 		return nil, err
 	}
-	auth, err := loadTokens(cfg.TokenFile, TokenEnv)
+	auth, err := loadTokens(cfg.TokenFile, cliconfig.TokenEnv)
 	if err != nil {
 		return nil, err
 	}
@@ -200,11 +196,7 @@ func New(cfg PSConfig) (*PS, error) {
 		bindings: map[uint16]*binding{},
 		closed:   make(chan struct{}),
 	}
-	if cfg.DataPlane != nil {
-		p.plane = cfg.DataPlane(p.HandleConn)
-	} else {
-		p.plane = newListenerPlane(p.advertise, p.HandleConn, log)
-	}
+	p.plane = newListenerPlane(p.advertise, p.handleConn, log)
 	p.reg = cfg.Registry
 	if p.reg == nil {
 		p.reg, err = registry.New(registry.Config{URL: cfg.Redis, Logger: log})
@@ -234,7 +226,7 @@ func (p *PS) Addr(ctx context.Context) (net.Addr, error) {
 // returns.
 func (p *PS) Run(ctx context.Context) error {
 	if p.auth.open() {
-		p.log.Warn("no token configured (--token-file or " + TokenEnv + "): any agent may connect")
+		p.log.Warn("no token configured (--token-file or " + cliconfig.TokenEnv + "): any agent may connect")
 	}
 	if err := p.start(ctx); err != nil {
 		return err
@@ -250,14 +242,19 @@ func (p *PS) Run(ctx context.Context) error {
 	p.log.Info("ps running", "listen", ln.Addr().String(), "advertise", p.advertise.String(),
 		"ports", p.cfg.Ports, "tls", p.tls != nil, "client_certs", p.cfg.TLSCA != "")
 
+	// Registry calls made for tunnels (publish, release) use life: it
+	// carries ctx's values but ends only when Run returns, after the drain,
+	// so that releases during the drain still reach the registry.
+	life, endLife := context.WithCancel(context.WithoutCancel(ctx))
+	defer endLife()
 	loops, lctx := errgroup.WithContext(ctx)
-	loops.Go(func() error { return p.acceptTunnels(ln) })
+	loops.Go(func() error { return p.acceptTunnels(life, ln) })
 	loops.Go(func() error { p.renewLoop(lctx); return nil })
 	loops.Go(func() error { p.collectLoop(lctx); return nil })
 	loops.Go(func() error { p.resyncLoop(lctx); return nil })
 	loops.Go(func() error {
 		<-lctx.Done()
-		p.drain()
+		p.drain(life)
 		return nil
 	})
 	err = loops.Wait()
@@ -300,7 +297,7 @@ func (p *PS) start(ctx context.Context) error {
 	return nil
 }
 
-func (p *PS) acceptTunnels(ln net.Listener) error {
+func (p *PS) acceptTunnels(ctx context.Context, ln net.Listener) error {
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
@@ -315,14 +312,14 @@ func (p *PS) acceptTunnels(ln net.Listener) error {
 		}
 		delay = 0
 		if !p.gate.tryAcquire() {
-			p.m.handshakes.WithLabelValues(CodeBusy.String()).Inc()
+			p.m.handshakes.WithLabelValues(tunnel.CodeBusy.String()).Inc()
 			p.refuseBusy(c)
 			continue
 		}
 		p.conns.Add(1)
 		go func() {
 			defer p.conns.Add(-1)
-			p.serveTunnel(c)
+			p.serveTunnel(ctx, c)
 		}()
 	}
 }
@@ -337,7 +334,7 @@ func (p *PS) refuseBusy(c net.Conn) {
 	}
 	go func() {
 		defer p.refusing.Add(-1)
-		p.log.Debug("refused tunnel", "remote", c.RemoteAddr().String(), "code", CodeBusy.String(), "reason", "handshake limit reached")
+		p.log.Debug("refused tunnel", "remote", c.RemoteAddr().String(), "code", tunnel.CodeBusy.String(), "reason", "handshake limit reached")
 		conn := c
 		_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
 		if p.tls != nil {
@@ -348,20 +345,20 @@ func (p *PS) refuseBusy(c net.Conn) {
 			}
 			conn = tc
 		}
-		p.closeRefused(conn, &Refuse{Code: CodeBusy, Reason: "handshake limit reached, retry later"})
+		p.closeRefused(conn, &tunnel.Refuse{Code: tunnel.CodeBusy, Reason: "handshake limit reached, retry later"})
 	}()
 }
 
 // closeRefused sends r, then half-closes and drains briefly, so that the
 // agent reads the refusal instead of a reset caused by its unread Hello.
-func (p *PS) closeRefused(conn net.Conn, r *Refuse) {
+func (p *PS) closeRefused(conn net.Conn, r *tunnel.Refuse) {
 	_ = conn.SetDeadline(time.Now().Add(time.Second))
-	if WriteRefuse(conn, r) == nil {
+	if tunnel.WriteRefuse(conn, r) == nil {
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
 		}
 		buf := make([]byte, 4096)
-		for n := 0; n < 2*MaxMessageSize; {
+		for n := 0; n < 2*tunnel.MaxMessageSize; {
 			k, err := conn.Read(buf)
 			n += k
 			if err != nil {

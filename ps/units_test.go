@@ -1,4 +1,4 @@
-package tunnel
+package ps
 
 import (
 	"bufio"
@@ -69,8 +69,8 @@ func TestTokenFile(t *testing.T) {
 		t.Fatalf("alpha: %+v %v", r, ok)
 	}
 	r, ok := a.check("beta")
-	if !ok || !inPrefixes(r.cidrs, netip.MustParseAddr("10.1.2.3")) || !inPrefixes(r.cidrs, netip.MustParseAddr("10.2.0.5")) ||
-		inPrefixes(r.cidrs, netip.MustParseAddr("10.2.0.6")) {
+	if !ok || !r.cidrs.Allows(netip.MustParseAddr("10.1.2.3")) || !r.cidrs.Allows(netip.MustParseAddr("10.2.0.5")) ||
+		r.cidrs.Allows(netip.MustParseAddr("10.2.0.6")) {
 		t.Fatalf("beta's CIDRs: %+v %v", r, ok)
 	}
 	for _, wrong := range []string{"", "alph", "alphaa", "beta 10.1.0.0/16"} {

@@ -1,13 +1,12 @@
 package tunnel
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
-	"strings"
-	"unicode/utf8"
+
+	"github.com/tether-net/tether/internal/ident"
+	"github.com/tether-net/tether/internal/textclip"
 )
 
 // Version is the protocol version this package speaks. SPEC.md describes it.
@@ -21,7 +20,7 @@ var Magic = [4]byte{'T', 'T', 'H', 'R'}
 const (
 	MaxMessageSize = 1 << 20 // fits MaxEndpoints IPv6 endpoints with room to spare
 	MaxEndpoints   = 50000
-	MaxIDLen       = 128
+	MaxIDLen       = ident.MaxLen
 	MaxTokenLen    = 4096
 	MaxReasonLen   = 1024
 	MaxHeldPS      = 16
@@ -128,150 +127,6 @@ func (r *Refuse) Error() string { return fmt.Sprintf("refused (%s): %s", r.Code,
 // Unwrap lets errors.Is(err, ErrRefused) match.
 func (r *Refuse) Unwrap() error { return ErrRefused }
 
-// ---- encoding --------------------------------------------------------------
-
-type encoder struct{ b []byte }
-
-func (e *encoder) u8(v byte)    { e.b = append(e.b, v) }
-func (e *encoder) u16(v uint16) { e.b = binary.BigEndian.AppendUint16(e.b, v) }
-func (e *encoder) u32(v uint32) { e.b = binary.BigEndian.AppendUint32(e.b, v) }
-func (e *encoder) u64(v uint64) { e.b = binary.BigEndian.AppendUint64(e.b, v) }
-func (e *encoder) str(s string) { e.u16(uint16(len(s))); e.b = append(e.b, s...) }
-func (e *encoder) addr(a netip.Addr) {
-	if !a.IsValid() {
-		e.u8(0)
-		return
-	}
-	a = a.Unmap()
-	s := a.AsSlice()
-	e.u8(byte(len(s)))
-	e.b = append(e.b, s...)
-}
-func (e *encoder) addrPort(ap netip.AddrPort) { e.addr(ap.Addr()); e.u16(ap.Port()) }
-
-type decoder struct {
-	b   []byte
-	err error
-}
-
-func (d *decoder) fail(format string, args ...any) {
-	if d.err == nil {
-		d.err = fmt.Errorf("%w: "+format, append([]any{ErrMalformed}, args...)...)
-	}
-}
-
-func (d *decoder) take(n int, what string) []byte {
-	if d.err != nil {
-		return nil
-	}
-	if n > len(d.b) {
-		d.fail("%s: need %d bytes, %d left", what, n, len(d.b))
-		return nil
-	}
-	out := d.b[:n]
-	d.b = d.b[n:]
-	return out
-}
-
-func (d *decoder) u8(what string) byte {
-	if b := d.take(1, what); b != nil {
-		return b[0]
-	}
-	return 0
-}
-
-func (d *decoder) u16(what string) uint16 {
-	if b := d.take(2, what); b != nil {
-		return binary.BigEndian.Uint16(b)
-	}
-	return 0
-}
-
-func (d *decoder) u32(what string) uint32 {
-	if b := d.take(4, what); b != nil {
-		return binary.BigEndian.Uint32(b)
-	}
-	return 0
-}
-
-func (d *decoder) u64(what string) uint64 {
-	if b := d.take(8, what); b != nil {
-		return binary.BigEndian.Uint64(b)
-	}
-	return 0
-}
-
-// str reads a length-prefixed UTF-8 string of at most max bytes.
-func (d *decoder) str(what string, max int) string {
-	n := int(d.u16(what + " length"))
-	if d.err != nil {
-		return ""
-	}
-	if n > max {
-		d.fail("%s: %d bytes, limit %d", what, n, max)
-		return ""
-	}
-	b := d.take(n, what)
-	if d.err != nil {
-		return ""
-	}
-	if !utf8.Valid(b) {
-		d.fail("%s: not valid UTF-8", what)
-		return ""
-	}
-	return string(b)
-}
-
-// addr reads an address: a length byte (0, 4 or 16) and the bytes. A zero
-// length is an absent address, allowed only where optional says so.
-func (d *decoder) addr(what string, optional bool) netip.Addr {
-	n := d.u8(what + " length")
-	if d.err != nil {
-		return netip.Addr{}
-	}
-	switch n {
-	case 0:
-		if !optional {
-			d.fail("%s: missing", what)
-		}
-		return netip.Addr{}
-	case 4, 16:
-		b := d.take(int(n), what)
-		if d.err != nil {
-			return netip.Addr{}
-		}
-		a, _ := netip.AddrFromSlice(b)
-		if n == 16 && a.Is4In6() {
-			d.fail("%s: IPv4-mapped IPv6 address %s, send it as IPv4", what, a)
-			return netip.Addr{}
-		}
-		return a
-	default:
-		d.fail("%s: address length %d, want 4 or 16", what, n)
-		return netip.Addr{}
-	}
-}
-
-func (d *decoder) addrPort(what string, optional bool) netip.AddrPort {
-	a := d.addr(what, optional)
-	p := d.u16(what + " port")
-	if d.err == nil && !a.IsValid() && p != 0 {
-		// One encoding per value: an absent address has port 0.
-		d.fail("%s: port %d without an address", what, p)
-	}
-	if d.err != nil || !a.IsValid() {
-		return netip.AddrPort{}
-	}
-	return netip.AddrPortFrom(a, p)
-}
-
-func (d *decoder) end(what string) error {
-	if d.err == nil && len(d.b) != 0 {
-		d.fail("%s: %d trailing bytes", what, len(d.b))
-	}
-	return d.err
-}
-
 // EncodeHello returns the payload of a Hello frame.
 func EncodeHello(h *Hello) ([]byte, error) {
 	if err := h.Validate(); err != nil {
@@ -335,7 +190,7 @@ func DecodeHello(b []byte) (*Hello, error) {
 
 // Validate checks the rules a Hello must follow beyond its encoding.
 func (h *Hello) Validate() error {
-	if err := ValidID(h.AgentID); err != nil {
+	if err := ident.Valid(h.AgentID); err != nil {
 		return fmt.Errorf("%w: agent id: %w", ErrMalformed, err)
 	}
 	if !h.AgentIP.IsValid() {
@@ -348,7 +203,7 @@ func (h *Hello) Validate() error {
 		return fmt.Errorf("%w: %d held ps ids, limit %d", ErrMalformed, len(h.HeldPS), MaxHeldPS)
 	}
 	for _, id := range h.HeldPS {
-		if err := ValidID(id); err != nil {
+		if err := ident.Valid(id); err != nil {
 			return fmt.Errorf("%w: held ps id: %w", ErrMalformed, err)
 		}
 	}
@@ -363,24 +218,9 @@ func (h *Hello) Validate() error {
 	return nil
 }
 
-// ValidID checks an agent or PS id: 1-128 printable ASCII characters without
-// blanks, braces or colons (the registry's key syntax).
-func ValidID(id string) error {
-	if id == "" || len(id) > MaxIDLen {
-		return fmt.Errorf("id %q: must be 1-%d characters", truncate(id), MaxIDLen)
-	}
-	for i := 0; i < len(id); i++ {
-		c := id[i]
-		if c <= ' ' || c >= 0x7f || c == '{' || c == '}' || c == ':' {
-			return fmt.Errorf("id %q: character %q not allowed (printable ASCII without blanks, braces or colons)", truncate(id), c)
-		}
-	}
-	return nil
-}
-
 // EncodeWelcome returns the payload of a Welcome frame.
 func EncodeWelcome(w *Welcome) ([]byte, error) {
-	if err := ValidID(w.PSID); err != nil {
+	if err := ident.Valid(w.PSID); err != nil {
 		return nil, fmt.Errorf("encode welcome: ps id: %w", err)
 	}
 	if len(w.Endpoints) > MaxEndpoints {
@@ -400,7 +240,7 @@ func EncodeWelcome(w *Welcome) ([]byte, error) {
 		}
 		e.u16(0)
 		e.u16(uint16(r.Code))
-		e.str(clip(r.Reason, MaxReasonLen))
+		e.str(textclip.Clip(r.Reason, MaxReasonLen))
 	}
 	if len(e.b) > MaxMessageSize {
 		return nil, fmt.Errorf("encode welcome: %w: %d bytes", ErrTooLarge, len(e.b))
@@ -436,7 +276,7 @@ func DecodeWelcome(b []byte) (*Welcome, error) {
 	if err := d.end("welcome"); err != nil {
 		return nil, err
 	}
-	if err := ValidID(w.PSID); err != nil {
+	if err := ident.Valid(w.PSID); err != nil {
 		return nil, fmt.Errorf("%w: ps id: %w", ErrMalformed, err)
 	}
 	return w, nil
@@ -446,7 +286,7 @@ func DecodeWelcome(b []byte) (*Welcome, error) {
 func EncodeRefuse(r *Refuse) []byte {
 	e := encoder{}
 	e.u16(uint16(r.Code))
-	e.str(clip(r.Reason, MaxReasonLen))
+	e.str(textclip.Clip(r.Reason, MaxReasonLen))
 	return e.b
 }
 
@@ -459,78 +299,4 @@ func DecodeRefuse(b []byte) (*Refuse, error) {
 		return nil, err
 	}
 	return r, nil
-}
-
-// ---- framing ---------------------------------------------------------------
-
-// writePreamble writes the magic and the version.
-func writePreamble(w io.Writer, version byte) error {
-	var p [5]byte
-	copy(p[:], Magic[:])
-	p[4] = version
-	if _, err := w.Write(p[:]); err != nil {
-		return fmt.Errorf("write preamble: %w", err)
-	}
-	return nil
-}
-
-// readPreamble reads the magic and returns the version the peer speaks.
-func readPreamble(r io.Reader) (byte, error) {
-	var p [5]byte
-	if _, err := io.ReadFull(r, p[:]); err != nil {
-		return 0, fmt.Errorf("read preamble: %w", err)
-	}
-	if [4]byte(p[:4]) != Magic {
-		return 0, fmt.Errorf("%w: got %q", ErrBadMagic, p[:4])
-	}
-	return p[4], nil
-}
-
-// writeFrame writes one frame: type byte, big-endian uint32 length, payload.
-func writeFrame(w io.Writer, typ byte, payload []byte) error {
-	buf := make([]byte, 5, 5+len(payload))
-	buf[0] = typ
-	binary.BigEndian.PutUint32(buf[1:], uint32(len(payload)))
-	buf = append(buf, payload...)
-	if _, err := w.Write(buf); err != nil {
-		return fmt.Errorf("write frame: %w", err)
-	}
-	return nil
-}
-
-// readFrame reads one frame, refusing a declared length above max before
-// reading the payload.
-func readFrame(r io.Reader, max int) (byte, []byte, error) {
-	var h [5]byte
-	if _, err := io.ReadFull(r, h[:]); err != nil {
-		return 0, nil, fmt.Errorf("read frame header: %w", err)
-	}
-	n := binary.BigEndian.Uint32(h[1:])
-	if int64(n) > int64(max) {
-		return h[0], nil, fmt.Errorf("%w: frame of %d bytes, limit %d", ErrTooLarge, n, max)
-	}
-	payload := make([]byte, n)
-	if _, err := io.ReadFull(r, payload); err != nil {
-		return 0, nil, fmt.Errorf("read frame payload: %w", err)
-	}
-	return h[0], payload, nil
-}
-
-func clip(s string, n int) string {
-	s = strings.ToValidUTF8(s, "?")
-	if len(s) <= n {
-		return s
-	}
-	// Cut at a rune boundary so the result stays valid UTF-8.
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
-}
-
-func truncate(s string) string {
-	if len(s) > 64 {
-		return clip(s, 64) + "..."
-	}
-	return s
 }

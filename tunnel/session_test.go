@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tether-net/tether/tunnel/internal/testpki"
+	"github.com/tether-net/tether/internal/testpki"
 )
 
 // transport gives a connected pair (agent end, PS end) of one kind, with

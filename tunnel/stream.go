@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+
+	"github.com/tether-net/tether/internal/textclip"
 )
 
 // StreamVersion is the version byte that opens every stream header.
@@ -129,7 +131,7 @@ func ReadStreamHeader(r io.Reader) (StreamHeader, error) {
 // EncodeStreamStatus returns the bytes of s on the wire: code, message
 // length, message.
 func EncodeStreamStatus(s StreamStatus) []byte {
-	msg := clip(s.Message, MaxStatusMessage)
+	msg := textclip.Clip(s.Message, MaxStatusMessage)
 	b := make([]byte, 0, 2+len(msg))
 	b = append(b, byte(s.Code), byte(len(msg)))
 	return append(b, msg...)
@@ -147,7 +149,7 @@ func ReadStreamStatus(r io.Reader) (StreamStatus, error) {
 		if _, err := io.ReadFull(r, msg); err != nil {
 			return StreamStatus{}, fmt.Errorf("read stream status: %w", err)
 		}
-		s.Message = clip(string(msg), MaxStatusMessage)
+		s.Message = textclip.Clip(string(msg), MaxStatusMessage)
 	}
 	return s, nil
 }

@@ -7,11 +7,11 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tether-net/tether/internal/cliconfig"
-	"github.com/tether-net/tether/tunnel"
+	"github.com/tether-net/tether/ps"
 )
 
 func newPSCmd(g *globalFlags) *cobra.Command {
-	cfg := tunnel.DefaultPSConfig()
+	cfg := ps.DefaultConfig()
 	cmd := &cobra.Command{
 		Use:   "ps --listen ADDR --advertise IP --ports LO-HI --redis URL --id ID",
 		Short: "Run a proxy server: accept agents' tunnels and carry clients' connections to them",
@@ -31,7 +31,7 @@ optionally followed by the comma-separated CIDRs that token may expose
 			return runDaemon(cmd, g, &cfg, &cfg.Metrics, func(log *slog.Logger, reg *prometheus.Registry) (runner, error) {
 				cfg.Logger = log
 				cfg.Registerer = reg
-				return tunnel.New(cfg)
+				return ps.New(cfg)
 			})
 		},
 	}

@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/internal/tunneltest"
 	"github.com/tether-net/tether/registry"
-	"github.com/tether-net/tether/tunnel/tunneltest"
 )
 
 func TestPSAndAgentHelp(t *testing.T) {

@@ -9,9 +9,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/cobra"
-	"time"
 
 	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/registry"

@@ -21,7 +21,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/netip"
 	"os"
 	"reflect"
 	"strconv"
@@ -204,27 +203,9 @@ func setFromString(f reflect.Value, raw string) error {
 	return nil
 }
 
-// ParseCIDRs parses a list of CIDRs (or bare addresses, taken as /32 or /128),
-// naming the offending entry in the error.
-func ParseCIDRs(list []string) ([]netip.Prefix, error) {
-	out := make([]netip.Prefix, 0, len(list))
-	for _, s := range list {
-		s = strings.TrimSpace(s)
-		if s == "" {
-			continue
-		}
-		if p, err := netip.ParsePrefix(s); err == nil {
-			out = append(out, p.Masked())
-			continue
-		}
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			return nil, fmt.Errorf("%q is neither a CIDR nor an IP address", s)
-		}
-		out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
-	}
-	return out, nil
-}
+// TokenEnv is the environment variable holding the tunnel token when no
+// token file is given (a token is never a flag value).
+const TokenEnv = "TETHER_TOKEN"
 
 // ReadSecret reads a secret such as a token: from the file at path when path
 // is set, otherwise from the environment variable env. Surrounding white

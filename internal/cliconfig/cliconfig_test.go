@@ -97,13 +97,3 @@ func TestEmptyFileIsValid(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-
-func TestParseCIDRs(t *testing.T) {
-	got, err := ParseCIDRs([]string{"198.18.0.0/15", "127.0.0.1", " "})
-	if err != nil || len(got) != 2 || got[1].Bits() != 32 {
-		t.Fatalf("got %v %v", got, err)
-	}
-	if _, err := ParseCIDRs([]string{"nope"}); err == nil || !strings.Contains(err.Error(), "nope") {
-		t.Fatalf("want error naming the bad entry, got %v", err)
-	}
-}

@@ -19,10 +19,11 @@ import (
 	"time"
 
 	"github.com/tether-net/tether/agent"
+	"github.com/tether-net/tether/internal/testpki"
 	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/ps"
 	"github.com/tether-net/tether/registry"
 	"github.com/tether-net/tether/tunnel"
-	"github.com/tether-net/tether/tunnel/internal/testpki"
 )
 
 // LogBuf collects a daemon's log for assertions, and prints it when the
@@ -58,7 +59,7 @@ func NewLog(t testing.TB, name string) (*slog.Logger, *LogBuf) {
 
 // PSNode is a PS running in this process.
 type PSNode struct {
-	PS   *tunnel.PS
+	PS   *ps.PS
 	Addr string // the tunnel listener
 	Log  *LogBuf
 	Stop func() // drains, as SIGTERM does
@@ -66,9 +67,9 @@ type PSNode struct {
 
 // StartPS runs a PS on loopback until the test ends (or Stop), with
 // mod applied to its config.
-func StartPS(t *testing.T, redisURL, id string, mod func(*tunnel.PSConfig)) *PSNode {
+func StartPS(t *testing.T, redisURL, id string, mod func(*ps.Config)) *PSNode {
 	t.Helper()
-	cfg := tunnel.DefaultPSConfig()
+	cfg := ps.DefaultConfig()
 	cfg.ID = id
 	cfg.Listen = "127.0.0.1:0"
 	cfg.Advertise = "127.0.0.1"
@@ -80,7 +81,7 @@ func StartPS(t *testing.T, redisURL, id string, mod func(*tunnel.PSConfig)) *PSN
 	if mod != nil {
 		mod(&cfg)
 	}
-	ps, err := tunnel.New(cfg)
+	ps, err := ps.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,9 +167,10 @@ func StartAgent(t *testing.T, id, ip string, servers []string, expose []string, 
 	return a, lb, stop
 }
 
-// IdentityServer accepts connections and answers each with name, then
-// closes: whoever connects learns which server it reached.
-func IdentityServer(t *testing.T, name string) string {
+// Serve runs handle for every connection to a new loopback listener until
+// the test ends, and returns the listener's address; c is closed when
+// handle returns.
+func Serve(t testing.TB, handle func(c *net.TCPConn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -182,12 +184,21 @@ func IdentityServer(t *testing.T, name string) string {
 				return
 			}
 			go func() {
-				_, _ = io.WriteString(c, name)
-				_ = c.Close()
+				defer c.Close()
+				handle(c.(*net.TCPConn))
 			}()
 		}
 	}()
 	return ln.Addr().String()
+}
+
+// IdentityServer accepts connections and answers each with name, then
+// closes: whoever connects learns which server it reached.
+func IdentityServer(t testing.TB, name string) string {
+	t.Helper()
+	return Serve(t, func(c *net.TCPConn) {
+		_, _ = io.WriteString(c, name)
+	})
 }
 
 // Ask connects to addr and returns what the server says before closing.

@@ -28,9 +28,9 @@ import (
 	"github.com/tether-net/tether/agent"
 	"github.com/tether-net/tether/internal/cgroup2"
 	"github.com/tether-net/tether/proxy"
+	"github.com/tether-net/tether/ps"
 	"github.com/tether-net/tether/redirector"
 	"github.com/tether-net/tether/test/bench/benchutil"
-	"github.com/tether-net/tether/tunnel"
 )
 
 const target = "127.77.0.1:9100"
@@ -72,9 +72,9 @@ func run(dur time.Duration) error {
 
 	var servers []string
 	for i, ports := range []string{"41000-41099", "41100-41199"} {
-		cfg := tunnel.DefaultPSConfig()
+		cfg := ps.DefaultConfig()
 		cfg.ID, cfg.Listen, cfg.Advertise, cfg.Redis, cfg.Ports, cfg.Logger = fmt.Sprintf("ps%d", i+1), "127.0.0.1:0", "127.0.0.1", redisURL, ports, quiet
-		ps, err := tunnel.New(cfg)
+		ps, err := ps.New(cfg)
 		if err != nil {
 			return err
 		}

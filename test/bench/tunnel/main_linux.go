@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/tether-net/tether/agent"
+	"github.com/tether-net/tether/ps"
 	"github.com/tether-net/tether/registry"
 	"github.com/tether-net/tether/test/bench/benchutil"
 	"github.com/tether-net/tether/tunnel"
@@ -208,11 +209,11 @@ func init() { rangeNext.Store(30000) }
 func startTether(ctx context.Context, redisURL string, window uint32, bulk, echo, rpc string) (*tetherEnv, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	var pss []*tunnel.PS
+	var pss []*ps.PS
 	var addrs []string
 	quiet := slog.New(slog.DiscardHandler)
 	for i := range 2 {
-		cfg := tunnel.DefaultPSConfig()
+		cfg := ps.DefaultConfig()
 		cfg.ID = fmt.Sprintf("bench-ps%d-%d", i, rangeNext.Load())
 		cfg.Listen = "127.0.0.1:0"
 		cfg.Advertise = "127.0.0.1"
@@ -221,7 +222,7 @@ func startTether(ctx context.Context, redisURL string, window uint32, bulk, echo
 		cfg.Redis = redisURL
 		cfg.StreamWindow = int(window)
 		cfg.Logger = quiet
-		ps, err := tunnel.New(cfg)
+		ps, err := ps.New(cfg)
 		if err != nil {
 			cancel()
 			return nil, err
@@ -449,14 +450,14 @@ func connectRate(addr string, n int, d time.Duration) (float64, error) {
 // PS: endpoints per second (allocation, n listeners, the batched publish
 // and the welcome), and the PS's heap and stack growth per endpoint.
 func registration(redisURL string, n int) error {
-	cfg := tunnel.DefaultPSConfig()
+	cfg := ps.DefaultConfig()
 	cfg.ID = "bench-reg"
 	cfg.Listen = "127.0.0.1:0"
 	cfg.Advertise = "127.0.0.1"
 	cfg.Ports = fmt.Sprintf("%d-%d", 40000, 40000+n+2000-1)
 	cfg.Redis = redisURL
 	cfg.Logger = slog.New(slog.DiscardHandler)
-	ps, err := tunnel.New(cfg)
+	ps, err := ps.New(cfg)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,347 @@
+package ps
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/tether-net/tether/registry"
+	"github.com/tether-net/tether/tunnel"
+)
+
+// serveTunnel runs one agent connection: handshake, then the session until
+// the tunnel ends, then the release of its endpoints.
+func (p *PS) serveTunnel(ctx context.Context, raw net.Conn) {
+	gateHeld := true
+	releaseGate := func() {
+		if gateHeld {
+			gateHeld = false
+			p.gate.release()
+		}
+	}
+	defer releaseGate()
+	log := p.log.With("remote", raw.RemoteAddr().String())
+	_ = raw.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
+	conn, hello, err := p.readHello(raw)
+	if err != nil {
+		p.refuse(conn, log, err)
+		return
+	}
+	log = log.With("agent_id", hello.AgentID, "epoch", hello.Epoch)
+	s, err := p.admit(ctx, conn, hello, log)
+	if err != nil {
+		p.refuse(conn, log, err)
+		return
+	}
+	releaseGate()
+	<-s.tun.Done()
+	p.endSession(ctx, s)
+}
+
+// errClosed marks a handshake that ended because the agent went away:
+// there is nobody to send a refusal to.
+var errClosed = errors.New("connection closed during the handshake")
+
+// readHello runs TLS (when configured) and reads the agent's Hello. The
+// returned connection is the one to answer on, also when err is set.
+func (p *PS) readHello(raw net.Conn) (net.Conn, *tunnel.Hello, error) {
+	conn := raw
+	if p.tls != nil {
+		tc := tls.Server(raw, p.tls)
+		if err := tc.Handshake(); err != nil {
+			return raw, nil, &handshakeError{code: "tls_error", err: err}
+		}
+		conn = tc
+	}
+	hello, err := tunnel.ReadHello(conn)
+	switch {
+	case err == nil:
+		return conn, hello, nil
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return conn, nil, &tunnel.Refuse{Code: tunnel.CodeTimeout, Reason: fmt.Sprintf("handshake not completed within %v", p.cfg.HandshakeTimeout)}
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed):
+		return conn, nil, fmt.Errorf("%w: %w", errClosed, err)
+	default:
+		return conn, nil, &tunnel.Refuse{Code: tunnel.RefuseCode(err), Reason: err.Error()}
+	}
+}
+
+// handshakeError is a handshake that failed below the tunnel protocol (TLS):
+// it is counted under code and the connection is closed without an answer.
+type handshakeError struct {
+	code string
+	err  error
+}
+
+func (e *handshakeError) Error() string { return e.err.Error() }
+func (e *handshakeError) Unwrap() error { return e.err }
+
+// refuse counts and logs a failed handshake, and answers the agent with a
+// Refuse when err carries one; other errors just close the connection.
+func (p *PS) refuse(conn net.Conn, log *slog.Logger, err error) {
+	var rf *tunnel.Refuse
+	var he *handshakeError
+	switch {
+	case errors.As(err, &rf):
+		p.m.handshakes.WithLabelValues(rf.Code.String()).Inc()
+		log.Warn("refused tunnel", "code", rf.Code.String(), "reason", rf.Reason)
+		p.closeRefused(conn, rf)
+		return
+	case errors.As(err, &he):
+		p.m.handshakes.WithLabelValues(he.code).Inc()
+		log.Warn("refused tunnel", "code", he.code, "reason", he.err.Error())
+	default:
+		p.m.handshakes.WithLabelValues("closed").Inc()
+		log.Warn("refused tunnel", "code", "closed", "reason", err.Error())
+	}
+	_ = conn.Close()
+}
+
+// admission is one agent's handshake on its way through admit's steps.
+type admission struct {
+	hello *tunnel.Hello
+	log   *slog.Logger
+	rule  *tokenRule
+	// cur is the agent's live session on this PS, if any: a newer epoch
+	// supersedes it, keeping the ports of the targets both expose.
+	cur *psSession
+	// results answers each endpoint of the Hello, in its order; chosen
+	// holds the binding that will serve it (nil when refused).
+	results []tunnel.EndpointResult
+	chosen  []*binding
+	// fresh are the bindings allocated for this handshake (the others
+	// were cur's); dropped are chosen bindings the registry refused.
+	fresh   []*binding
+	dropped []*binding
+}
+
+// admit takes a Hello through the steps of admission: authenticate, plan
+// the endpoints, allocate ports, publish the routes, send the Welcome and
+// commit the session. A step that fails undoes what the earlier ones did;
+// an error carrying a *tunnel.Refuse is answered to the agent as such.
+func (p *PS) admit(ctx context.Context, conn net.Conn, h *tunnel.Hello, log *slog.Logger) (*psSession, error) {
+	rule, err := p.authenticate(h)
+	if err != nil {
+		return nil, err
+	}
+	slot := p.lockAgent(h.AgentID)
+	defer p.unlockAgent(h.AgentID, slot)
+	a := &admission{hello: h, log: log, rule: rule, cur: slot.current}
+	if a.cur != nil && a.cur.epoch >= h.Epoch {
+		return nil, &tunnel.Refuse{Code: tunnel.CodeStaleEpoch, Reason: fmt.Sprintf("epoch %d is not newer than the live session's %d", h.Epoch, a.cur.epoch)}
+	}
+	need := p.plan(a)
+	p.allocate(a, need)
+	if err := p.publish(ctx, a); err != nil {
+		// Some batches may have been written: quarantine rather than free.
+		p.releaseBindings(ctx, a.fresh, true)
+		log.Error("publish endpoints failed", "err", err)
+		return nil, &tunnel.Refuse{Code: tunnel.CodeUnavailable, Reason: "registry unavailable, retry later"}
+	}
+	tun, err := p.welcome(conn, a)
+	if err != nil {
+		p.releaseBindings(ctx, a.fresh, true)
+		return nil, err
+	}
+	s := p.commit(ctx, a, tun)
+	slot.current = s
+	return s, nil
+}
+
+// authenticate checks the agent's credential and what the PS allows before
+// any state is touched.
+func (p *PS) authenticate(h *tunnel.Hello) (*tokenRule, error) {
+	rule, ok := p.auth.check(h.Token)
+	if !ok {
+		return nil, &tunnel.Refuse{Code: tunnel.CodeUnauthorized, Reason: "token not accepted"}
+	}
+	if p.draining.Load() {
+		return nil, &tunnel.Refuse{Code: tunnel.CodeUnavailable, Reason: "ps is draining"}
+	}
+	if slices.Contains(h.HeldPS, p.cfg.ID) {
+		return nil, &tunnel.Refuse{Code: tunnel.CodeDuplicatePS, Reason: fmt.Sprintf("agent already holds a tunnel on ps %s", p.cfg.ID)}
+	}
+	if !p.agentNets.Allows(h.AgentIP) || !rule.cidrs.Allows(h.AgentIP) {
+		return nil, &tunnel.Refuse{Code: tunnel.CodeForbidden, Reason: fmt.Sprintf("agent ip %s is outside the CIDRs this agent may use", h.AgentIP)}
+	}
+	return rule, nil
+}
+
+// plan refuses the endpoints that are not allowed, keeps the bindings of
+// targets the superseded session already had, and returns the indexes of
+// the endpoints that need a fresh port.
+func (p *PS) plan(a *admission) (need []int) {
+	eps := a.hello.Endpoints
+	a.results = make([]tunnel.EndpointResult, len(eps))
+	a.chosen = make([]*binding, len(eps))
+	var kept map[netip.AddrPort]*binding
+	if a.cur != nil {
+		a.cur.mu.Lock()
+		kept = a.cur.bindings
+		a.cur.mu.Unlock()
+	}
+	seen := make(map[netip.AddrPort]struct{}, len(eps))
+	for i, ep := range eps {
+		switch _, dup := seen[ep]; {
+		case dup:
+			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeBadRequest, Reason: fmt.Sprintf("endpoint %s listed twice", ep)}
+			continue
+		case !p.agentNets.Allows(ep.Addr()):
+			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeForbidden, Reason: fmt.Sprintf("endpoint %s is outside the ps's --agent-cidrs", ep)}
+			continue
+		case !a.rule.cidrs.Allows(ep.Addr()):
+			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeForbidden, Reason: fmt.Sprintf("endpoint %s is outside the CIDRs of this agent's token", ep)}
+			continue
+		}
+		seen[ep] = struct{}{}
+		if b := kept[ep]; b != nil {
+			a.chosen[i] = b
+			continue
+		}
+		need = append(need, i)
+	}
+	return need
+}
+
+// allocate gives each endpoint of need a fresh port in one pass. Fresh
+// bindings are visible to the data path before they are published, so a
+// client that learns the port at once waits for the session instead of
+// being reset.
+func (p *PS) allocate(a *admission, need []int) {
+	ports, err := p.alloc.allocate(len(need), func(port uint16) error { return p.plane.Open(port) })
+	for k, i := range need {
+		if k >= len(ports) {
+			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeNoPorts, Reason: err.Error()}
+			continue
+		}
+		b := &binding{port: ports[k], target: a.hello.Endpoints[i], agentID: a.hello.AgentID, ready: make(chan struct{})}
+		a.chosen[i] = b
+		a.fresh = append(a.fresh, b)
+	}
+	p.bmu.Lock()
+	for _, b := range a.fresh {
+		p.bindings[b.port] = b
+	}
+	p.bmu.Unlock()
+}
+
+// publish records the chosen bindings in the registry. A target another
+// live agent holds is refused as a conflict, and its binding dropped.
+func (p *PS) publish(ctx context.Context, a *admission) error {
+	pubs := make([]registry.Publication, 0, len(a.chosen))
+	idx := make([]int, 0, len(a.chosen))
+	for i, b := range a.chosen {
+		if b != nil {
+			pubs = append(pubs, registry.Publication{Target: b.target, Port: b.port, AgentID: a.hello.AgentID})
+			idx = append(idx, i)
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.HandshakeTimeout)
+	defer cancel()
+	errs, err := p.reg.Publish(ctx, p.cfg.ID, pubs)
+	if err != nil {
+		return err
+	}
+	for j, perr := range errs {
+		if perr == nil {
+			continue
+		}
+		i := idx[j]
+		a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeConflict, Reason: perr.Error()}
+		a.dropped = append(a.dropped, a.chosen[i])
+		a.chosen[i] = nil
+	}
+	return nil
+}
+
+// welcome answers the agent and starts the multiplexer on the tunnel.
+func (p *PS) welcome(conn net.Conn, a *admission) (*tunnel.PSSession, error) {
+	for i, b := range a.chosen {
+		if b != nil {
+			a.results[i] = tunnel.EndpointResult{Port: b.port}
+		}
+	}
+	w := &tunnel.Welcome{PSID: p.cfg.ID, PSAddr: p.advertise, Endpoints: a.results}
+	if err := tunnel.WriteWelcome(conn, w); err != nil {
+		return nil, fmt.Errorf("%w: could not send welcome: %w", errClosed, err)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	tun, err := tunnel.NewPSSession(conn, a.log, p.window)
+	if err != nil {
+		return nil, &tunnel.Refuse{Code: tunnel.CodeInternal, Reason: err.Error()}
+	}
+	return tun, nil
+}
+
+// commit makes the new session the owner of its bindings and supersedes
+// the agent's older session, which is closed in the background so it never
+// blocks this one. Ports nobody serves any more are released.
+func (p *PS) commit(ctx context.Context, a *admission, tun *tunnel.PSSession) *psSession {
+	s := &psSession{agentID: a.hello.AgentID, epoch: a.hello.Epoch, tun: tun, bindings: make(map[netip.AddrPort]*binding, len(a.chosen))}
+	for _, b := range a.chosen {
+		if b != nil {
+			s.bindings[b.target] = b
+		}
+	}
+	p.mu.Lock()
+	p.nextSess++
+	s.serial = p.nextSess
+	p.sessions[s] = struct{}{}
+	p.mu.Unlock()
+	s.log = a.log.With("session", s.serial)
+	var leftovers []*binding
+	if a.cur != nil {
+		for target, b := range a.cur.takeBindings() {
+			if s.bindings[target] != b {
+				leftovers = append(leftovers, b)
+			}
+		}
+		go func() { _ = a.cur.tun.Close() }()
+		s.log.Info("newer session supersedes the old one", "old_epoch", a.cur.epoch)
+	}
+	for _, b := range s.bindings {
+		b.setSession(s)
+	}
+	p.m.tunnels.Inc()
+	p.m.handshakes.WithLabelValues("ok").Inc()
+	// Dropped fresh bindings were never published, so their ports are free
+	// at once; dropped kept ones and the old session's other bindings were
+	// published, so theirs are quarantined.
+	var neverPublished, published []*binding
+	for _, b := range a.dropped {
+		if slices.Contains(a.fresh, b) {
+			neverPublished = append(neverPublished, b)
+		} else {
+			published = append(published, b)
+		}
+	}
+	published = append(published, leftovers...)
+	go func() {
+		p.releaseBindings(ctx, neverPublished, false)
+		p.releaseBindings(ctx, published, true)
+	}()
+	p.logAdmitted(s, a)
+	return s
+}
+
+// logAdmitted logs the new tunnel and the first few refused endpoints.
+func (p *PS) logAdmitted(s *psSession, a *admission) {
+	refused := 0
+	for i, r := range a.results {
+		if r.Code == tunnel.CodeOK {
+			continue
+		}
+		if refused++; refused <= 10 {
+			s.log.Warn("endpoint refused", "target", a.hello.Endpoints[i].String(), "code", r.Code.String(), "reason", r.Reason)
+		}
+	}
+	s.log.Info("tunnel established", "endpoints", len(a.results), "accepted", len(a.results)-refused, "refused", refused)
+}
