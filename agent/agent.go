@@ -456,7 +456,7 @@ func (a *Agent) handleStream(in *tunnel.Incoming, log *slog.Logger) {
 	}
 	dialAddr, ok := a.dial[h.Target]
 	if !ok {
-		// DESIGN invariant 1: never deliver a connection meant for
+		// docs/DESIGN.md invariant 1: never deliver a connection meant for
 		// another target.
 		a.m.streamErrors.WithLabelValues(tunnel.StreamNotExposed.String()).Inc()
 		log.Warn("refused stream for a target this agent does not expose", "target", h.Target.String(), "client", h.Source.String())

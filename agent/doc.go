@@ -4,7 +4,7 @@
 //
 // The agent holds Config.Tunnels tunnels (default two), each on a
 // different PS, and exposes the same endpoints through each, so that every
-// route has a backend on two PS nodes (DESIGN invariant 2). Every stream
+// route has a backend on two PS nodes (docs/DESIGN.md, invariant 2). Every stream
 // it receives names its target; the agent serves only targets it exposes
-// (DESIGN invariant 1).
+// (docs/DESIGN.md, invariant 1).
 package agent

@@ -1,6 +1,10 @@
 package agent
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tether-net/tether/tunnel"
+)
 
 type metrics struct {
 	tunnels      prometheus.Gauge
@@ -30,6 +34,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			[]string{"reason"}),
 		bytesIn:  bytes.WithLabelValues("to_target"),
 		bytesOut: bytes.WithLabelValues("from_target"),
+	}
+	// Every known reason is exported from the start, at zero.
+	for _, c := range tunnel.StreamRefusalCodes() {
+		m.streamErrors.WithLabelValues(c.String())
 	}
 	for _, c := range []prometheus.Collector{m.tunnels, m.reconnects, m.streams, m.streamsOpen, m.streamErrors, bytes} {
 		if err := reg.Register(c); err != nil {

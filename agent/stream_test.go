@@ -61,7 +61,7 @@ func fakePS(t *testing.T) (addr string, hello <-chan *tunnel.Hello, sess <-chan 
 	return ln.Addr().String(), hc, sc
 }
 
-// The agent serves only the targets it exposes (DESIGN invariant 1), and
+// The agent serves only the targets it exposes (docs/DESIGN.md, invariant 1), and
 // reports dial failures in the stream status; its IP defaults to the
 // source address of the route towards the server.
 func TestAgentChecksTargetsAndReportsDialErrors(t *testing.T) {

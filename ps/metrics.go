@@ -1,6 +1,10 @@
 package ps
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tether-net/tether/tunnel"
+)
 
 // psMetrics are the PS's Prometheus metrics.
 type psMetrics struct {
@@ -16,6 +20,14 @@ type psMetrics struct {
 	portsQuarantined prometheus.Gauge
 	renewErrors      prometheus.Counter
 	clientsRejected  prometheus.Counter
+}
+
+func codeStrings(codes []tunnel.Code) []string {
+	out := make([]string, len(codes))
+	for i, c := range codes {
+		out[i] = c.String()
+	}
+	return out
 }
 
 func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
@@ -47,6 +59,17 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 			Name: "tether_ps_lease_renew_errors_total", Help: "Failed renewals of this PS's lease."}),
 		clientsRejected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_ps_clients_rejected_total", Help: "Client connections closed because their source is outside --allow-clients."}),
+	}
+	// Every known result and reason is exported from the start, at zero, so
+	// that dashboards and rate() see a series before the first event.
+	for _, r := range append([]string{"ok", "closed", "tls_error"}, codeStrings(tunnel.RefusalCodes())...) {
+		m.handshakes.WithLabelValues(r)
+	}
+	for _, r := range []string{"no_route", "no_session", "open_failed"} {
+		m.streamErrors.WithLabelValues(r)
+	}
+	for _, c := range tunnel.StreamRefusalCodes() {
+		m.streamErrors.WithLabelValues(c.String())
 	}
 	for _, c := range []prometheus.Collector{m.tunnels, m.handshakes, m.endpoints, m.streamsOpen, m.streams,
 		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected} {

@@ -37,7 +37,7 @@ func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Lo, r.Hi) }
 // portAllocator hands out ports of a range round-robin, so a released port
 // is reused as late as possible, and never while it is in use or
 // quarantined. Quarantine is what keeps a stale mapping in some reader from
-// reaching a different agent (DESIGN invariant 1).
+// reaching a different agent (docs/DESIGN.md, invariant 1).
 type portAllocator struct {
 	mu         sync.Mutex
 	r          PortRange

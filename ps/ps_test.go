@@ -61,7 +61,7 @@ func preamble(version byte) []byte { return append(tunnel.Magic[:], version) }
 
 // Bad input of every kind is refused with a clear logged reason, and the
 // tunnel of a well-behaved agent keeps carrying traffic throughout
-// (DESIGN invariant 7).
+// (docs/DESIGN.md, invariant 7).
 func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 	rd := testutil.StartRedis(t)
 	tokens := tunneltest.WriteTokens(t, "# agents\ngood-token\nlimited-token 127.80.0.0/16\n")

@@ -124,6 +124,10 @@ func NewMirror(cfg MirrorConfig) (*Mirror, error) {
 		lastLoadDur: prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_mirror_last_full_load_seconds", Help: "Duration of the last full load, sink included."}),
 		expired:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_mirror_lease_expiries_total", Help: "PS leases the mirror saw lapse locally."}),
 	}
+	// Every operation that can fail is exported from the start, at zero.
+	for _, op := range []string{"snapshot", "read_changes", "refresh", "sink"} {
+		m.metrics.errors.WithLabelValues(op)
+	}
 	if cfg.Metrics != nil {
 		for _, c := range []prometheus.Collector{m.metrics.routes, m.metrics.fullLoads, m.metrics.changes, m.metrics.errors, m.metrics.lastLoadDur, m.metrics.expired} {
 			if err := cfg.Metrics.Register(c); err != nil {

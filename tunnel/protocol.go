@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/tether-net/tether/internal/ident"
 	"github.com/tether-net/tether/internal/textclip"
@@ -76,6 +77,19 @@ var codeNames = map[Code]string{
 	CodeUnavailable: "unavailable", CodeTooLarge: "too_large", CodeDuplicatePS: "duplicate_ps",
 	CodeForbidden: "forbidden", CodeConflict: "conflict", CodeNoPorts: "no_ports",
 	CodeInternal: "internal", CodeTimeout: "timeout",
+}
+
+// RefusalCodes returns every refusal code this package knows (CodeOK
+// excluded), so metrics can show each one at zero before it happens.
+func RefusalCodes() []Code {
+	out := make([]Code, 0, len(codeNames))
+	for c := range codeNames {
+		if c != CodeOK {
+			out = append(out, c)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // String returns the snake_case name of c, used in logs and metrics.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 
 	"github.com/tether-net/tether/internal/textclip"
 )
@@ -41,6 +42,19 @@ var streamCodeNames = map[StreamCode]string{
 	StreamOK: "ok", StreamNotExposed: "not_exposed", StreamDialRefused: "dial_refused",
 	StreamDialTimeout: "dial_timeout", StreamDialFailed: "dial_failed", StreamBadHeader: "bad_header",
 	StreamVersionErr: "unsupported_version", StreamBusy: "busy",
+}
+
+// StreamRefusalCodes returns every stream refusal code this package knows
+// (StreamOK excluded), so metrics can show each one at zero.
+func StreamRefusalCodes() []StreamCode {
+	out := make([]StreamCode, 0, len(streamCodeNames))
+	for c := range streamCodeNames {
+		if c != StreamOK {
+			out = append(out, c)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // String returns the snake_case name of c.

@@ -1,4 +1,4 @@
-// Command demo raises the simulated company network of DESIGN.md, starts
+// Command demo raises the simulated company network of docs/DESIGN.md, starts
 // every tether component on it, and tells the story on the terminal: the
 // route table, the kernel map, an unmodified curl reaching agents by their
 // own IPs from the client cgroup (and failing outside it), and a PS killed

@@ -1,4 +1,4 @@
-// Package netsim owns the simulated company network of DESIGN.md, built from
+// Package netsim owns the simulated company network of docs/DESIGN.md, built from
 // network namespaces, veth pairs, Linux bridges and nftables, all inside
 // 198.18.0.0/15 with no route out: two VPCs of agent hosts, a core router
 // that load-balances the tunnel VIP over two PS nodes with nftables DNAT, and
