@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tether-net/tether/internal/cidr"
+	"github.com/tether-net/tether/internal/relay"
 	"github.com/tether-net/tether/registry"
 )
 
@@ -299,29 +300,25 @@ func (p *Proxy) dial(ctx context.Context, targets []netip.AddrPort) (net.Conn, n
 	return nil, targets[0], fmt.Errorf("%s: %w", targets[0], ErrNoRoute)
 }
 
-// splice copies both ways, half-closing each direction when its source
-// ends, and returns when both are done.
+// splice carries a (the client) and b (the upstream) both ways until both
+// directions end, with the half-close and reset rules of relay.Join.
+// Bytes of a that aBuffered already read ahead are sent first.
 func (p *Proxy) splice(a, b net.Conn, aBuffered *bufio.Reader) {
 	p.metrics.open.Inc()
 	defer p.metrics.open.Dec()
-	var wg sync.WaitGroup
-	wg.Add(2)
-	cp := func(dst net.Conn, r io.Reader) {
-		defer wg.Done()
-		_, _ = io.Copy(dst, r)
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			_ = cw.CloseWrite()
-		} else {
-			_ = dst.Close()
-		}
-	}
-	var ar io.Reader = a
+	client := relay.HalfClose(a)
 	if aBuffered != nil && aBuffered.Buffered() > 0 {
-		ar = io.MultiReader(io.LimitReader(aBuffered, int64(aBuffered.Buffered())), a)
+		ahead := io.LimitReader(aBuffered, int64(aBuffered.Buffered()))
+		client = readAhead{HalfCloser: client, r: io.MultiReader(ahead, client)}
 	}
-	go cp(b, ar)
-	go cp(a, b)
-	wg.Wait()
-	a.Close()
-	b.Close()
+	_, _, _ = relay.Join(client, relay.HalfClose(b), nil, nil)
 }
+
+// readAhead is a client connection whose first bytes were read ahead into
+// a buffer: reads drain r (the buffer, then the connection).
+type readAhead struct {
+	relay.HalfCloser
+	r io.Reader
+}
+
+func (c readAhead) Read(b []byte) (int, error) { return c.r.Read(b) }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"time"
 )
 
@@ -159,6 +160,8 @@ func (p *Proxy) serveSOCKS(ctx context.Context, ln net.Listener) error {
 	}
 }
 
+// handleSOCKS serves one SOCKS5 client: method negotiation (and
+// username/password when configured), one CONNECT request, then the relay.
 func (p *Proxy) handleSOCKS(ctx context.Context, c net.Conn) {
 	result := "ok"
 	defer func() { p.metrics.requests.WithLabelValues("socks5", result).Inc() }()
@@ -166,58 +169,13 @@ func (p *Proxy) handleSOCKS(ctx context.Context, c net.Conn) {
 	// costs one goroutine for at most this long.
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 	br := bufio.NewReader(c)
-	fail := func(err error) {
-		var se *errSOCKS
-		if errors.As(err, &se) && se.rep != 0 {
-			_ = reply(c, se.rep)
-		}
-		result = "bad_request"
-		p.log.Info("socks5 request refused", "client", c.RemoteAddr().String(), "err", err)
-		c.Close()
-	}
-	methods, err := readGreeting(br)
-	if err != nil {
-		fail(err)
+	if err := p.socksNegotiate(c, br); err != nil {
+		result = p.socksRefuse(c, err)
 		return
-	}
-	want := byte(methodNoAuth)
-	if p.users != nil {
-		want = methodUserPass
-	}
-	offered := false
-	for _, m := range methods {
-		offered = offered || m == want
-	}
-	if !offered {
-		_, _ = c.Write([]byte{socksVersion, methodNoAcceptable})
-		fail(&errSOCKS{msg: fmt.Sprintf("client offers no acceptable method (need %#x)", want)})
-		return
-	}
-	if _, err := c.Write([]byte{socksVersion, want}); err != nil {
-		c.Close()
-		return
-	}
-	if want == methodUserPass {
-		user, pass, err := readUserPass(br)
-		if err != nil {
-			fail(err)
-			return
-		}
-		if !p.checkUser(user, pass) {
-			_, _ = c.Write([]byte{0x01, 0x01})
-			result = "unauthorized"
-			p.log.Info("socks5 authentication failed", "client", c.RemoteAddr().String(), "user", user)
-			c.Close()
-			return
-		}
-		if _, err := c.Write([]byte{0x01, 0x00}); err != nil {
-			c.Close()
-			return
-		}
 	}
 	req, err := readRequest(br)
 	if err != nil {
-		fail(err)
+		result = p.socksRefuse(c, err)
 		return
 	}
 	if req.cmd != cmdConnect {
@@ -226,11 +184,7 @@ func (p *Proxy) handleSOCKS(ctx context.Context, c net.Conn) {
 		c.Close()
 		return
 	}
-	targets, err := resolve(ctx, req.host, req.port)
-	var up net.Conn
-	if err == nil {
-		up, _, err = p.dial(ctx, targets)
-	}
+	up, err := p.socksConnect(ctx, req)
 	if err != nil {
 		rep := byte(repGeneralFailure)
 		switch {
@@ -253,4 +207,75 @@ func (p *Proxy) handleSOCKS(ctx context.Context, c net.Conn) {
 	}
 	_ = c.SetDeadline(time.Time{})
 	p.splice(c, up, br)
+}
+
+// errUnauthorized is a client whose username and password were refused;
+// the RFC 1929 answer has been sent.
+var errUnauthorized = errors.New("socks5 authentication failed")
+
+// errClientGone is a client that went away while we answered it.
+var errClientGone = errors.New("client closed the connection")
+
+// socksNegotiate picks the method the proxy requires and, for
+// username/password, checks the client's credentials.
+func (p *Proxy) socksNegotiate(c net.Conn, br *bufio.Reader) error {
+	methods, err := readGreeting(br)
+	if err != nil {
+		return err
+	}
+	want := byte(methodNoAuth)
+	if p.users != nil {
+		want = methodUserPass
+	}
+	if !slices.Contains(methods, want) {
+		_, _ = c.Write([]byte{socksVersion, methodNoAcceptable})
+		return &errSOCKS{msg: fmt.Sprintf("client offers no acceptable method (need %#x)", want)}
+	}
+	if _, err := c.Write([]byte{socksVersion, want}); err != nil {
+		return fmt.Errorf("%w: %w", errClientGone, err)
+	}
+	if want != methodUserPass {
+		return nil
+	}
+	user, pass, err := readUserPass(br)
+	if err != nil {
+		return err
+	}
+	if !p.checkUser(user, pass) {
+		_, _ = c.Write([]byte{0x01, 0x01})
+		p.log.Info("socks5 authentication failed", "client", c.RemoteAddr().String(), "user", user)
+		return errUnauthorized
+	}
+	if _, err := c.Write([]byte{0x01, 0x00}); err != nil {
+		return fmt.Errorf("%w: %w", errClientGone, err)
+	}
+	return nil
+}
+
+// socksRefuse answers a failed negotiation or request (with a SOCKS reply
+// where the error carries one), closes c, and returns the metrics result.
+func (p *Proxy) socksRefuse(c net.Conn, err error) string {
+	defer c.Close()
+	switch {
+	case errors.Is(err, errUnauthorized):
+		return "unauthorized"
+	case errors.Is(err, errClientGone):
+		return "ok"
+	}
+	var se *errSOCKS
+	if errors.As(err, &se) && se.rep != 0 {
+		_ = reply(c, se.rep)
+	}
+	p.log.Info("socks5 request refused", "client", c.RemoteAddr().String(), "err", err)
+	return "bad_request"
+}
+
+// socksConnect resolves the request's target and dials a backend for it.
+func (p *Proxy) socksConnect(ctx context.Context, req socksRequest) (net.Conn, error) {
+	targets, err := resolve(ctx, req.host, req.port)
+	if err != nil {
+		return nil, err
+	}
+	up, _, err := p.dial(ctx, targets)
+	return up, err
 }

@@ -5,8 +5,10 @@ set -euo pipefail
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
-have clang        || need+=(clang)
-have llvm-strip   || need+=(llvm)
+# make generate pins clang 14 (bpf/gen.go): the committed eBPF objects are
+# its bytes, and CI's check-generated compares against them.
+have clang-14      || need+=(clang-14)
+have llvm-strip-14 || need+=(llvm-14)
 have bpftool      || need+=(bpftool)
 have redis-server || need+=(redis-server)
 have ip           || need+=(iproute2)
