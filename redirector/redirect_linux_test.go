@@ -1,10 +1,8 @@
 package redirector_test
 
 import (
-	"bufio"
-	"bytes"
 	"fmt"
-	"io"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +13,7 @@ import (
 
 	"github.com/tether-net/tether/bpf"
 	"github.com/tether-net/tether/internal/testutil"
+	"github.com/tether-net/tether/internal/tunneltest"
 	"github.com/tether-net/tether/redirector"
 )
 
@@ -23,6 +22,7 @@ var target = fmt.Sprintf("%s:%d", agentIP, httpPort)
 func TestUnmodifiedClientsInTheCgroupReachTheAgentByItsOwnIP(t *testing.T) {
 	curl := testutil.RequireBinary(t, "curl")
 	python := testutil.RequireBinary(t, "python3")
+	bpftool := testutil.RequireBinary(t, "bpftool")
 	s := newStack(t)
 	s.startRedirector()
 
@@ -75,13 +75,9 @@ print(data.decode().split("\r\n\r\n", 1)[1].strip())
 	}
 
 	// bpftool prints the pinned maps readably, thanks to BTF.
-	if bpftool, err := exec.LookPath("bpftool"); err == nil {
-		dump, err := exec.Command(bpftool, "map", "dump", "pinned", filepath.Join(s.pinDir, bpf.RedirectMapTetherRoutes)).CombinedOutput()
-		if err != nil || !strings.Contains(string(dump), `"backends"`) || !strings.Contains(string(dump), `"state": 1`) {
-			t.Fatalf("bpftool map dump: %v\n%s", err, dump)
-		}
-	} else {
-		testutil.RequireBinary(t, "bpftool")
+	dump, err := exec.Command(bpftool, "map", "dump", "pinned", filepath.Join(s.pinDir, bpf.RedirectMapTetherRoutes)).CombinedOutput()
+	if err != nil || !strings.Contains(string(dump), `"backends"`) || !strings.Contains(string(dump), `"state": 1`) {
+		t.Fatalf("bpftool map dump: %v\n%s", err, dump)
 	}
 }
 
@@ -100,22 +96,10 @@ func testDeadBackends(t *testing.T, netlinkFallback bool) {
 	echo := fmt.Sprintf("%s:%d", agentIP, echoPort)
 
 	// Twenty long-lived connections from inside the cgroup, spread over both PS.
-	hold := exec.Command(os.Args[0], "-test.run=^$", echo)
-	hold.Env = append(os.Environ(), "TETHER_TEST_CLIENT=hold")
-	stdin, _ := hold.StdinPipe()
-	var holdOut bytes.Buffer
-	pr, pw := io.Pipe()
-	hold.Stdout = io.MultiWriter(&holdOut, pw)
-	done := s.cg.Command(t, hold)
-	if err := hold.Start(); err != nil {
-		t.Fatal(err)
+	hold := s.startClient("hold", echo)
+	if err := hold.waitLine("held", 30*time.Second); err != nil {
+		t.Fatalf("client could not open its connections: %v", err)
 	}
-	done()
-	line, _ := bufio.NewReader(pr).ReadString('\n')
-	if strings.TrimSpace(line) != "held" {
-		t.Fatalf("client could not open its connections: %q", line)
-	}
-	go func() { _, _ = io.Copy(io.Discard, pr) }()
 
 	// ps1 freezes: no RST, no FIN. Once its lease lapses, the redirector
 	// marks it dead and destroys the sockets that went through it.
@@ -131,10 +115,10 @@ func testDeadBackends(t *testing.T, netlinkFallback bool) {
 	if !netlinkFallback && s.counters()["sockets_destroyed"] == 0 {
 		t.Fatal("the sockets_destroyed counter did not move")
 	}
-	_, _ = io.WriteString(stdin, "go\n")
-	_ = hold.Wait()
-	pw.Close()
-	report := holdOut.String()
+	report, err := hold.finish()
+	if err != nil {
+		t.Fatalf("hold client: %v\n%s", err, report)
+	}
 	okN, errN := strings.Count(report, ": ok"), strings.Count(report, ": error")
 	// 20 connections spread at random: all on one PS has odds of 2 in 10^6.
 	if okN+errN != 20 || errN == 0 || okN == 0 {
@@ -194,12 +178,13 @@ func TestAWithdrawnRouteIsNoLongerRedirected(t *testing.T) {
 }
 
 func TestRedirectorRestartDropsNoConnection(t *testing.T) {
+	bpftool := testutil.RequireBinary(t, "bpftool")
 	s := newStack(t)
 	start := func() *exec.Cmd {
 		cmd := exec.Command(tetherBin, "redirector", "--redis", s.redis.URL(), "--cgroup", s.cg.Path,
 			"--pin-dir", s.pinDir, "--map-size", "10000")
-		var log bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &log, &log
+		log := &tunneltest.LogBuf{}
+		cmd.Stdout, cmd.Stderr = log, log
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -207,7 +192,7 @@ func TestRedirectorRestartDropsNoConnection(t *testing.T) {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
 			if t.Failed() {
-				t.Logf("redirector log:\n%s", log.String())
+				t.Logf("redirector (pid %d) log:\n%s", cmd.Process.Pid, log.String())
 			}
 		})
 		return cmd
@@ -215,39 +200,73 @@ func TestRedirectorRestartDropsNoConnection(t *testing.T) {
 	first := start()
 	s.waitRoutes(2, "first redirector synced")
 
-	type result struct {
-		out string
-		err error
+	// The client loops over the restart; it is under way once it says so.
+	loop := s.startClient("loop", target)
+	if err := loop.waitLine("running", 30*time.Second); err != nil {
+		out, _ := loop.finish()
+		t.Fatalf("client loop before the restart: %v\n%s", err, out)
 	}
-	res := make(chan result, 1)
-	go func() {
-		out, err := s.goClient("loop", target)
-		res <- result{out, err}
-	}()
-	time.Sleep(500 * time.Millisecond) // let the loop get going (not a synchronisation)
 	_ = first.Process.Kill()
 	_ = first.Wait()
 	second := start()
-	r := <-res
-	if r.err != nil || !strings.Contains(r.out, "failed=0 ") || strings.Contains(r.out, "ok=0 ") {
-		t.Fatalf("client loop across a redirector restart: %v\n%s", r.err, r.out)
-	}
-	t.Logf("FIGURE redirector_restart_failed_connections=0 (%s)", strings.TrimSpace(r.out))
 
-	_ = second.Process.Signal(syscall.SIGTERM)
-	_ = second.Wait()
-	out, err := exec.Command(tetherBin, "redirector", "uninstall", "--cgroup", s.cg.Path, "--pin-dir", s.pinDir).CombinedOutput()
-	if err != nil {
+	// The pinned links and map go on redirecting with no redirector at all,
+	// so the loop alone cannot tell a working second redirector from a dead
+	// one. A route published after the restart can: only a live redirector
+	// puts it in the map.
+	newTarget := netip.MustParseAddrPort("127.77.0.2:9100")
+	tunneltest.StartAgent(t, "a2", newTarget.Addr().String(), s.servers,
+		[]string{fmt.Sprintf("%d=%s", newTarget.Port(), startHTTP(t, "agent-a2"))}, nil)
+	tunneltest.WaitBackends(t, s.reg, newTarget, 2)
+	testutil.Eventually(t, 15*time.Second, "the route published after the restart in the pinned map", func() error {
+		v, err := s.mapRoute(newTarget)
+		if err != nil {
+			return err
+		}
+		live := 0
+		for _, b := range v.Backends {
+			if _, st := redirector.DecodeBackend(b); st == "live" {
+				live++
+			}
+		}
+		if live != 2 {
+			return fmt.Errorf("%d live backends: %+v", live, v.Backends)
+		}
+		return nil
+	})
+	if out, err := s.goClient("dial", newTarget.String()); err != nil || !strings.Contains(out, "peer="+newTarget.String()) || !strings.Contains(out, "agent-a2") {
+		t.Fatalf("the route published after the restart must be reachable from the cgroup: %v\n%s", err, out)
+	}
+
+	out, err := loop.finish()
+	if err != nil || !strings.Contains(out, "failed=0 ") || strings.Contains(out, "ok=0 ") {
+		t.Fatalf("client loop across a redirector restart: %v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	t.Logf("FIGURE redirector_restart_failed_connections=0 (%s)", lines[len(lines)-1])
+
+	// The second redirector ran all along and stops cleanly on SIGTERM.
+	if err := second.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatalf("the second redirector is no longer running: %v", err)
+	}
+	if err := waitExit(second, 15*time.Second); err != nil {
+		t.Fatalf("the second redirector on SIGTERM: %v (want exit status 0)", err)
+	}
+
+	// Attached until uninstall, and not after.
+	show, err := exec.Command(bpftool, "cgroup", "show", s.cg.Path).CombinedOutput()
+	if err != nil || !strings.Contains(string(show), "connect4") {
+		t.Fatalf("bpftool cgroup show before uninstall must list connect4: %v\n%s", err, show)
+	}
+	if out, err := exec.Command(tetherBin, "redirector", "uninstall", "--cgroup", s.cg.Path, "--pin-dir", s.pinDir).CombinedOutput(); err != nil {
 		t.Fatalf("uninstall: %v\n%s", err, out)
 	}
 	if _, err := os.Stat(s.pinDir); !os.IsNotExist(err) {
 		t.Fatalf("pins left behind: %v", err)
 	}
-	if bpftool, err := exec.LookPath("bpftool"); err == nil {
-		show, _ := exec.Command(bpftool, "cgroup", "show", s.cg.Path).CombinedOutput()
-		if strings.Contains(string(show), "tether") || strings.Contains(string(show), "connect") {
-			t.Fatalf("programs still attached after uninstall:\n%s", show)
-		}
+	show, err = exec.Command(bpftool, "cgroup", "show", s.cg.Path).CombinedOutput()
+	if err != nil || strings.Contains(string(show), "tether") || strings.Contains(string(show), "connect") {
+		t.Fatalf("programs still attached after uninstall (or bpftool failed): %v\n%s", err, show)
 	}
 	if out, _ := s.goClient("dial", target); !strings.Contains(out, "connection refused") {
 		t.Fatalf("after uninstall the connect must not be redirected: %s", out)

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -17,8 +18,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/tether-net/tether/bpf"
 	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/internal/tunneltest"
 	"github.com/tether-net/tether/redirector"
@@ -40,6 +43,11 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv("TETHER_TEST_CLIENT"); mode != "" {
 		os.Exit(clientMain(mode, os.Args[len(os.Args)-1]))
 	}
+	flag.Parse()
+	if testing.Short() {
+		// Only unprivileged tests run under -short; none needs the binary.
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "tether-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -55,55 +63,67 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// Every read and dial in these tests has a deadline: a regression must show
+// up as a failure that names it, not as the package's timeout.
+const (
+	dialTimeout = 3 * time.Second
+	ioTimeout   = 5 * time.Second
+	// clientTimeout bounds a client process from start to exit.
+	clientTimeout = time.Minute
+)
+
 // clientMain is a plain Go client: "dial" connects once and prints the peer
-// as getpeername() reports it and the answer; "loop" connects again and again
-// for a while and prints how many attempts failed; "hold" opens connections
-// to an echo endpoint, waits for a line on stdin, then reports per
-// connection whether it still works.
+// as getpeername() reports it and the answer; "loop" connects again and
+// again, prints "running" once a few requests have succeeded, and when a
+// line (or EOF) arrives on stdin prints how many attempts failed; "hold"
+// opens connections to an echo endpoint, prints "held", waits for a line on
+// stdin, then reports per connection whether it still works.
 func clientMain(mode, addr string) int {
 	switch mode {
 	case "dial":
-		c, err := net.DialTimeout("tcp", addr, 3*time.Second)
+		c, err := net.DialTimeout("tcp", addr, dialTimeout)
 		if err != nil {
 			fmt.Println("error:", err)
 			return 1
 		}
 		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(ioTimeout))
 		fmt.Fprintf(c, "GET / HTTP/1.0\r\n\r\n")
-		body, _ := io.ReadAll(c)
+		body, err := io.ReadAll(c)
 		fmt.Printf("peer=%s\n%s", peerOf(c), body)
+		if err != nil {
+			fmt.Println("error:", err)
+			return 1
+		}
 		return 0
 	case "loop":
-		deadline := time.Now().Add(4 * time.Second)
+		stop := make(chan struct{})
+		go func() { _, _ = bufio.NewReader(os.Stdin).ReadString('\n'); close(stop) }()
+		giveUp := time.After(clientTimeout)
 		var ok, failed int
 		var lastErr error
-		for time.Now().Before(deadline) {
-			c, err := net.DialTimeout("tcp", addr, time.Second)
-			if err == nil {
-				_, err = fmt.Fprintf(c, "GET / HTTP/1.0\r\n\r\n")
-				if err == nil {
-					var b []byte
-					b, err = io.ReadAll(c)
-					if err == nil && !bytes.Contains(b, []byte("agent-a1")) {
-						err = fmt.Errorf("wrong answer %q", b)
-					}
-				}
-				c.Close()
+		for {
+			select {
+			case <-stop:
+				fmt.Printf("ok=%d failed=%d last_error=%v\n", ok, failed, lastErr)
+				return 0
+			case <-giveUp:
+				fmt.Printf("error: never told to stop; ok=%d failed=%d last_error=%v\n", ok, failed, lastErr)
+				return 1
+			default:
 			}
-			if err != nil {
+			if err := ask(addr, "agent-a1"); err != nil {
 				failed++
 				lastErr = err
-			} else {
-				ok++
+			} else if ok++; ok == 5 {
+				fmt.Println("running")
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
-		fmt.Printf("ok=%d failed=%d last_error=%v\n", ok, failed, lastErr)
-		return 0
 	case "hold":
 		var conns []net.Conn
 		for range 20 {
-			c, err := net.DialTimeout("tcp", addr, 3*time.Second)
+			c, err := net.DialTimeout("tcp", addr, dialTimeout)
 			if err != nil {
 				fmt.Println("error:", err)
 				return 1
@@ -113,7 +133,7 @@ func clientMain(mode, addr string) int {
 		fmt.Println("held")
 		_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
 		for i, c := range conns {
-			_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+			_ = c.SetDeadline(time.Now().Add(dialTimeout))
 			_, err := c.Write([]byte("ping\n"))
 			if err == nil {
 				buf := make([]byte, 5)
@@ -128,6 +148,27 @@ func clientMain(mode, addr string) int {
 		return 0
 	}
 	return 2
+}
+
+// ask makes one HTTP/1.0 request to addr and checks the answer names want.
+func ask(addr, want string) error {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := fmt.Fprintf(c, "GET / HTTP/1.0\r\n\r\n"); err != nil {
+		return err
+	}
+	b, err := io.ReadAll(c)
+	if err != nil {
+		return err
+	}
+	if !bytes.Contains(b, []byte(want)) {
+		return fmt.Errorf("wrong answer %q", b)
+	}
+	return nil
 }
 
 func peerOf(c net.Conn) string {
@@ -160,6 +201,8 @@ type stack struct {
 	psLogs []*bytes.Buffer
 	cg     *testutil.Cgroup
 	pinDir string
+	// servers are the PS nodes' tunnel addresses, for more agents.
+	servers []string
 }
 
 func newStack(t *testing.T) *stack {
@@ -201,6 +244,7 @@ func newStack(t *testing.T) *stack {
 	for _, a := range servers {
 		testutil.WaitTCP(t, a, 10*time.Second)
 	}
+	s.servers = servers
 	tunneltest.StartAgent(t, "a1", agentIP, servers, []string{
 		fmt.Sprintf("%d=%s", httpPort, httpAddr), fmt.Sprintf("%d=%s", echoPort, echoAddr),
 	}, nil)
@@ -246,14 +290,139 @@ func (s *stack) startRedirector(mods ...func(*redirector.Config)) *tunneltest.Lo
 	return lb
 }
 
-// inCgroup runs a command inside the test cgroup.
+// inCgroup runs a command inside the test cgroup; one that outlives
+// clientTimeout is killed.
 func (s *stack) inCgroup(env []string, name string, args ...string) (string, error) {
-	cmd := exec.Command(name, args...)
+	ctx, cancel := context.WithTimeout(context.Background(), clientTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Env = append(os.Environ(), env...)
+	cmd.WaitDelay = time.Second
 	done := s.cg.Command(s.t, cmd)
 	defer done()
 	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("%s killed after %v: %w", name, clientTimeout, err)
+	}
 	return string(out), err
+}
+
+// client is a Go client process (a clientMain mode) running in the test
+// cgroup, talked to line by line.
+type client struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	lines chan string
+	out   *tunneltest.LogBuf
+	gone  chan struct{} // closed once the process has exited
+	err   error         // its exit status, once gone is closed
+}
+
+// startClient starts clientMain's mode inside the test cgroup; it is killed
+// at the end of the test if still running.
+func (s *stack) startClient(mode, addr string) *client {
+	s.t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$", addr)
+	cmd.Env = append(os.Environ(), "TETHER_TEST_CLIENT="+mode)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	c := &client{cmd: cmd, stdin: stdin, lines: make(chan string, 1000), out: &tunneltest.LogBuf{}, gone: make(chan struct{})}
+	cmd.Stderr = c.out
+	done := s.cg.Command(s.t, cmd)
+	err = cmd.Start()
+	done()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			fmt.Fprintln(c.out, sc.Text())
+			select {
+			case c.lines <- sc.Text():
+			default:
+			}
+		}
+		close(c.lines)
+		c.err = cmd.Wait()
+		close(c.gone)
+	}()
+	s.t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-c.gone
+	})
+	return c
+}
+
+// waitLine waits until the client prints want.
+func (c *client) waitLine(want string, timeout time.Duration) error {
+	deadline := time.After(timeout)
+	for {
+		select {
+		case l, ok := <-c.lines:
+			if !ok {
+				return fmt.Errorf("client exited before printing %q:\n%s", want, c.out.String())
+			}
+			if l == want {
+				return nil
+			}
+		case <-deadline:
+			return fmt.Errorf("client did not print %q in %v:\n%s", want, timeout, c.out.String())
+		}
+	}
+}
+
+// finish tells the client to go on (a line on stdin) and returns all it
+// printed once it exits; a client that does not exit in time is killed.
+func (c *client) finish() (string, error) {
+	_, _ = io.WriteString(c.stdin, "go\n")
+	_ = c.stdin.Close()
+	select {
+	case <-c.gone:
+		return c.out.String(), c.err
+	case <-time.After(clientTimeout):
+		_ = c.cmd.Process.Kill()
+		return c.out.String(), fmt.Errorf("client did not exit in %v", clientTimeout)
+	}
+}
+
+// mapRoute reads target's entry in the pinned route map.
+func (s *stack) mapRoute(target netip.AddrPort) (bpf.RedirectRouteValue, error) {
+	var v bpf.RedirectRouteValue
+	m, err := ebpf.LoadPinnedMap(filepath.Join(s.pinDir, bpf.RedirectMapTetherRoutes), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return v, err
+	}
+	defer m.Close()
+	k, ok := redirector.EncodeKey(target)
+	if !ok {
+		return v, fmt.Errorf("%s has no route map key", target)
+	}
+	if err := m.Lookup(&k, &v); err != nil {
+		return v, fmt.Errorf("look up %s: %w", target, err)
+	}
+	return v, nil
+}
+
+// waitExit waits for cmd to exit and returns its status; one still running
+// after timeout is killed.
+func waitExit(cmd *exec.Cmd, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(timeout):
+		_ = cmd.Process.Kill()
+		<-done
+		return fmt.Errorf("still running after %v (killed)", timeout)
+	}
 }
 
 func (s *stack) goClient(mode, addr string) (string, error) {
@@ -311,7 +480,11 @@ func startEcho(t *testing.T) string {
 			if err != nil {
 				return
 			}
-			go func() { _, _ = io.Copy(c, c); c.Close() }()
+			go func() {
+				_ = c.SetDeadline(time.Now().Add(clientTimeout))
+				_, _ = io.Copy(c, c)
+				c.Close()
+			}()
 		}
 	}()
 	return ln.Addr().String()

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,8 +23,8 @@ type Cgroup struct {
 }
 
 // NewCgroup creates a cgroup with a unique name for t and removes it in t's
-// cleanup, after moving any process still in it back to the root cgroup's
-// test parent. The test must be privileged.
+// cleanup, after killing any process still in it. The test must be
+// privileged.
 func NewCgroup(t testing.TB) *Cgroup {
 	t.Helper()
 	RequirePrivileged(t)
@@ -31,22 +32,58 @@ func NewCgroup(t testing.TB) *Cgroup {
 	if err != nil {
 		t.Fatalf("cgroup v2: %v", err)
 	}
-	parent := filepath.Join(mnt, "tether-test")
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		t.Fatalf("create %s: %v", parent, err)
-	}
-	path := filepath.Join(parent, UniqueName("cg"))
-	if err := os.Mkdir(path, 0o755); err != nil {
-		t.Fatalf("create cgroup %s: %v", path, err)
+	parent := filepath.Join(mnt, sharedParent)
+	path, err := mkdirUnder(parent, UniqueName("cg"))
+	if err != nil {
+		t.Fatalf("create cgroup: %v", err)
 	}
 	cg := &Cgroup{Path: path}
 	t.Cleanup(func() {
 		cg.remove(t, mnt)
-		// The shared parent goes too once the last test's cgroup is gone;
-		// rmdir of a cgroup that still has children fails harmlessly.
-		_ = os.Remove(parent)
+		// The shared parent goes too once the last test's cgroup is gone.
+		if err := removeIfEmpty(parent); err != nil {
+			t.Errorf("remove the shared test cgroup: %v", err)
+		}
 	})
 	return cg
+}
+
+// sharedParent is the cgroup, under the cgroup2 mount, that holds every
+// test's cgroup. Test packages run in parallel processes: each creates it
+// when it needs it and tries to remove it when its own cgroup is gone.
+const sharedParent = "tether-test"
+
+// mkdirUnder creates parent (if needed) and then parent/name, and returns
+// the latter. Another process may remove parent between the two steps (its
+// last child just went); then Mkdir fails with ENOENT and it tries again.
+// Not os.MkdirAll: when its mkdir fails with EEXIST it checks the directory
+// again, and fails if the directory has just been removed.
+func mkdirUnder(parent, name string) (string, error) {
+	path := filepath.Join(parent, name)
+	var err error
+	for range 100 {
+		if err = os.Mkdir(parent, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("create %s: %w", parent, err)
+		}
+		if err = os.Mkdir(path, 0o755); !errors.Is(err, os.ErrNotExist) {
+			break
+		}
+	}
+	if err != nil {
+		return "", fmt.Errorf("create cgroup %s: %w", path, err)
+	}
+	return path, nil
+}
+
+// removeIfEmpty removes the cgroup dir unless it still has children (EBUSY,
+// ENOTEMPTY: another test's cgroup) or is already gone (ENOENT: another
+// process removed it first).
+func removeIfEmpty(dir string) error {
+	err := os.Remove(dir)
+	if err == nil || errors.Is(err, syscall.EBUSY) || errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.ENOENT) {
+		return nil
+	}
+	return err
 }
 
 // Command returns cmd prepared to start directly inside the cgroup

@@ -4,5 +4,6 @@
 //
 // Privileged tests call RequirePrivileged: it skips with a reason for a normal
 // user, but fails when TETHER_TEST_PRIVILEGED=1 (set by CI), so that nothing
-// skips silently there.
+// skips silently there. Under -short (make test-unit) it skips even as root,
+// and fails if TETHER_TEST_PRIVILEGED=1 as well, since the two contradict.
 package testutil

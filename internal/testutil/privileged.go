@@ -8,10 +8,23 @@ import (
 // PrivilegedEnv, when set to 1, turns every privilege skip into a failure.
 const PrivilegedEnv = "TETHER_TEST_PRIVILEGED"
 
+// ShortSkipReason is why RequirePrivileged skips under -short.
+const ShortSkipReason = "privileged test skipped in -short mode"
+
 // RequirePrivileged skips t when the process is not root, or fails it when
 // TETHER_TEST_PRIVILEGED=1 says this run must not skip.
+//
+// Under -short (make test-unit) it skips even as root: -short means "only
+// the tests that need no privileges". With TETHER_TEST_PRIVILEGED=1 as well,
+// the two ask for opposite things, and the test fails saying so.
 func RequirePrivileged(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		if os.Getenv(PrivilegedEnv) == "1" {
+			t.Fatalf("-short skips privileged tests but %s=1 forbids skipping them: drop -short, or set %s=0", PrivilegedEnv, PrivilegedEnv)
+		}
+		t.Skip(ShortSkipReason)
+	}
 	if os.Geteuid() == 0 {
 		return
 	}
