@@ -8,7 +8,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 TETHER_TEST_PRIVILEGED ?= $(if $(filter 0,$(shell id -u)),1,0)
 export TETHER_TEST_PRIVILEGED
 
-.PHONY: help build test test-unit bench demo generate check-generated lint setup clean
+.PHONY: help build test test-unit bench bench-smoke fuzz-smoke demo generate check-generated lint setup clean
 
 help: ## list targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,6 +30,11 @@ bench: build ## benchmarks, as ratios against a baseline measured in the same ru
 	$(GO) run ./test/bench/tunnel
 	$(GO) run ./test/bench/redirector
 	$(GO) run ./test/bench/proxy
+
+bench-smoke: build ## the benchmarks in seconds, checking they still run and measure (CI runs this)
+	$(GO) run ./test/bench/tunnel -smoke
+	$(GO) run ./test/bench/redirector -smoke
+	$(GO) run ./test/bench/proxy -smoke
 
 demo: setup build ## the whole system in a simulated company network
 	$(GO) run ./scripts/demo --tether $(CURDIR)/$(BIN)

@@ -5,6 +5,14 @@
 // and the time from a PS publishing a route to the route being in the map.
 // It needs root; it creates its own cgroups and pin directory and removes
 // them when done.
+//
+// Every run also checks what holds on any machine, however loaded (each
+// figure positive and finite, the hook counted the connects it saw, every
+// published or synced route is in the map with its backend) and exits 1
+// when a check fails. -smoke makes the same run in seconds, with small
+// route counts and few samples.
+//
+//	go run ./test/bench/redirector [-smoke] [-routes 100000] [-big 1000000]
 package main
 
 import (
@@ -19,6 +27,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -31,84 +40,65 @@ import (
 	"github.com/tether-net/tether/test/bench/benchutil"
 )
 
+type config struct {
+	big, routes, connects, samples int
+}
+
+// connectRounds is how many times the connect() cost is measured in each
+// cgroup, alternating, so drift hits both alike.
+const connectRounds = 5
+
+// lookupRoutes is how many routes sit in the map while connect() is
+// measured, so the lookup is a real one.
+const lookupRoutes = 1000
+
 func main() {
 	if os.Getenv("BENCH_CHILD") == "connect" {
 		os.Exit(connectChild())
 	}
-	big := flag.Int("big", 1000000, "routes in the large map-only sync")
+	var cfg config
+	flag.IntVar(&cfg.big, "big", 1000000, "routes in the large map-only sync (0: skip it)")
+	flag.IntVar(&cfg.routes, "routes", 100000, "routes in the full sync from Redis")
+	flag.IntVar(&cfg.connects, "connects", 50000, "connect() calls per child in the connect cost measurement")
+	flag.IntVar(&cfg.samples, "samples", 300, "routes published one by one in the publish -> in map measurement")
+	smoke := flag.Bool("smoke", false, "the same run in seconds (small route counts, few samples, every check), for CI")
 	flag.Parse()
+	chk := benchutil.NewChecks("bench/redirector")
+	if *smoke {
+		if err := benchutil.SmokeDefaults(flag.CommandLine, map[string]string{"big": "1000", "routes": "1000", "connects": "2000", "samples": "30"}); err != nil {
+			chk.Finish(err)
+		}
+	}
 	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "bench/redirector: needs root (BPF, cgroups)")
-		os.Exit(1)
+		chk.Finish(fmt.Errorf("needs root (BPF, cgroups)"))
 	}
-	if err := run(*big); err != nil {
-		fmt.Fprintln(os.Stderr, "bench/redirector:", err)
-		os.Exit(1)
-	}
+	chk.Finish(run(cfg, chk))
 }
 
 type row struct{ metric, base, value, ratio string }
 
-func run(big int) error {
-	mnt, err := cgroup2.Mount()
-	if err != nil {
-		return err
-	}
-	suffix := strconv.Itoa(os.Getpid())
-	hooked := filepath.Join(mnt, "tether-bench-hooked-"+suffix)
-	plain := filepath.Join(mnt, "tether-bench-plain-"+suffix)
-	pin := "/sys/fs/bpf/tether-bench-" + suffix
-	for _, d := range []string{hooked, plain} {
-		if err := os.Mkdir(d, 0o755); err != nil {
-			return err
-		}
-		defer os.Remove(d)
-	}
-	defer redirector.Uninstall(pin)
+// bench is one run: its cgroups, the installed programs and the route map.
+type bench struct {
+	cfg           config
+	chk           *benchutil.Checks
+	hooked, plain string // cgroups with and without the programs
+	pin           string
+	routes        *ebpf.Map
+	rm            redirector.RouteMap
+	rec           *redirector.Reconciler
+	rows          []row
+}
 
-	in, err := redirector.Install(pin, hooked, uint32(max(big, 100000)+1000))
+func run(cfg config, chk *benchutil.Checks) error {
+	b := &bench{cfg: cfg, chk: chk}
+	cleanup, err := b.install()
+	defer cleanup()
 	if err != nil {
 		return err
 	}
-	defer in.Close()
-	routes, err := ebpf.LoadPinnedMap(filepath.Join(pin, bpf.RedirectMapTetherRoutes), nil)
-	if err != nil {
+	if err := b.connectCost(); err != nil {
 		return err
 	}
-	defer routes.Close()
-	rm := redirector.NewKernelRouteMap(routes)
-	rec := redirector.NewReconciler(rm, nil, slog.New(slog.DiscardHandler))
-	var rows []row
-
-	// 1. connect() to an address without a route, with and without the hook.
-	// A thousand routes sit in the map so the lookup is a real one.
-	if err := rec.Replace(context.Background(), makeRoutes(1000)); err != nil {
-		return err
-	}
-	// A port nothing listens on: connect() is answered with a RST at once,
-	// so the figure is the syscall path (where the hook runs), not accept().
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	closed := ln.Addr().String()
-	ln.Close()
-	var hookedNs, plainNs []float64
-	for range 5 { // alternate, so drift hits both alike
-		p, err := connectCost(plain, closed)
-		if err != nil {
-			return err
-		}
-		h, err := connectCost(hooked, closed)
-		if err != nil {
-			return err
-		}
-		plainNs, hookedNs = append(plainNs, p), append(hookedNs, h)
-	}
-	pm, hm := median(plainNs), median(hookedNs)
-	rows = append(rows, row{"connect() to an address without a route", fmt.Sprintf("%.1f µs", pm/1000), fmt.Sprintf("%.1f µs", hm/1000), fmt.Sprintf("%.3f×", hm/pm)})
-
-	// 2. Full sync of 100,000 routes from Redis into the map.
 	rd, stop, err := benchutil.StartRedis()
 	if err != nil {
 		return err
@@ -119,19 +109,146 @@ func run(big int) error {
 		return err
 	}
 	defer reg.Close()
+	if err := b.fullSync(reg); err != nil {
+		return err
+	}
+	if err := b.bigSync(); err != nil {
+		return err
+	}
+	if err := b.publishLatency(reg); err != nil {
+		return err
+	}
+	fmt.Println("\n== redirector (eBPF) ==")
+	fmt.Printf("%-42s %-18s %-40s %s\n", "metric", "baseline", "tether", "ratio")
+	for _, r := range b.rows {
+		fmt.Printf("%-42s %-18s %-40s %s\n", r.metric, r.base, r.value, r.ratio)
+	}
+	return nil
+}
+
+// install makes the two cgroups (under the cgroup2 mount, never its root)
+// and installs the programs on the hooked one. The cleanup it returns,
+// even with an error, undoes what was done.
+func (b *bench) install() (cleanup func(), err error) {
+	var undo []func()
+	cleanup = func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}
+	mnt, err := cgroup2.Mount()
+	if err != nil {
+		return cleanup, err
+	}
+	suffix := strconv.Itoa(os.Getpid())
+	b.hooked = filepath.Join(mnt, "tether-bench-hooked-"+suffix)
+	b.plain = filepath.Join(mnt, "tether-bench-plain-"+suffix)
+	b.pin = "/sys/fs/bpf/tether-bench-" + suffix
+	for _, d := range []string{b.hooked, b.plain} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			return cleanup, err
+		}
+		undo = append(undo, func() { _ = os.Remove(d) })
+	}
+	undo = append(undo, func() { _ = redirector.Uninstall(b.pin) })
+	in, err := redirector.Install(b.pin, b.hooked, uint32(max(b.cfg.big, b.cfg.routes+b.cfg.samples, lookupRoutes)+1000))
+	if err != nil {
+		return cleanup, err
+	}
+	undo = append(undo, func() { _ = in.Close() })
+	if b.routes, err = ebpf.LoadPinnedMap(filepath.Join(b.pin, bpf.RedirectMapTetherRoutes), nil); err != nil {
+		return cleanup, err
+	}
+	undo = append(undo, func() { _ = b.routes.Close() })
+	b.rm = redirector.NewKernelRouteMap(b.routes)
+	b.rec = redirector.NewReconciler(b.rm, nil, slog.New(slog.DiscardHandler))
+	st, err := redirector.ReadStatus(b.pin)
+	if err != nil {
+		return cleanup, err
+	}
+	b.chk.True(len(st.Links) > 0, "installed redirector: no pinned links under %s", b.pin)
+	return cleanup, nil
+}
+
+// connectCost measures connect() to an address without a route, with and
+// without the hook, and checks that the hook saw every connect of the
+// hooked children.
+func (b *bench) connectCost() error {
+	if err := b.rec.Replace(context.Background(), makeRoutes(lookupRoutes)); err != nil {
+		return err
+	}
+	b.checkMapSize("routes for the connect() lookup", lookupRoutes)
+	// A port nothing listens on: connect() is answered with a RST at once,
+	// so the figure is the syscall path (where the hook runs), not accept().
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	closed := ln.Addr().String()
+	ln.Close()
+	var hookedNs, plainNs []float64
+	var hookedSeen, plainSeen uint64 // connects the hook counted
+	// Alternate, so drift hits both alike.
+	for range connectRounds {
+		p, seen, err := b.connectRound(b.plain, closed)
+		if err != nil {
+			return fmt.Errorf("connect() without the hook: %w", err)
+		}
+		plainNs, plainSeen = append(plainNs, p), plainSeen+seen
+		h, seen, err := b.connectRound(b.hooked, closed)
+		if err != nil {
+			return fmt.Errorf("connect() with the hook: %w", err)
+		}
+		hookedNs, hookedSeen = append(hookedNs, h), hookedSeen+seen
+	}
+	want := uint64(connectRounds * b.cfg.connects)
+	b.chk.True(hookedSeen >= want, "connect() with the hook: the hook counted %d connects without a route, want at least %d (did it run?)", hookedSeen, want)
+	b.chk.True(plainSeen == 0, "connect() without the hook: the hook counted %d connects, want 0 (is the plain cgroup hooked?)", plainSeen)
+	pm, hm := median(plainNs), median(hookedNs)
+	b.chk.Positive("connect() cost without the hook (ns)", pm)
+	b.chk.Positive("connect() cost with the hook (ns)", hm)
+	b.rows = append(b.rows, row{"connect() to an address without a route", fmt.Sprintf("%.1f µs", pm/1000), fmt.Sprintf("%.1f µs", hm/1000), fmt.Sprintf("%.3f×", hm/pm)})
+	return nil
+}
+
+// connectRound runs one connect child in cgroup: ns per connect, and how
+// many connects the hook counted meanwhile (its no_route counter).
+func (b *bench) connectRound(cgroup, addr string) (float64, uint64, error) {
+	before, err := b.counter("no_route")
+	if err != nil {
+		return 0, 0, err
+	}
+	ns, err := connectChildIn(cgroup, addr, b.cfg.connects)
+	if err != nil {
+		return 0, 0, err
+	}
+	after, err := b.counter("no_route")
+	if err != nil {
+		return 0, 0, err
+	}
+	return ns, after - before, nil
+}
+
+// fullSync publishes cfg.routes routes and times a full sync of them from
+// Redis into an empty map.
+func (b *bench) fullSync(reg *registry.Registry) error {
 	ctx := context.Background()
 	if err := reg.RenewPS(ctx, registry.PSLease{ID: "ps1", Addr: netip.MustParseAddr("127.0.0.1"), State: registry.PSActive, ExpiresAt: time.Now().Add(time.Hour)}); err != nil {
 		return err
 	}
-	const n = 100000
+	n := b.cfg.routes
 	pubs := make([]registry.Publication, n)
 	for i := range pubs {
 		pubs[i] = registry.Publication{Target: target(i), Port: uint16(1024 + i%60000), AgentID: "a" + strconv.Itoa(i%1000)}
 	}
-	if _, err := reg.Publish(ctx, "ps1", pubs); err != nil {
+	errs, err := reg.Publish(ctx, "ps1", pubs)
+	if err != nil {
 		return err
 	}
-	_ = rm.Delete(mustKeys(rm))
+	b.chk.Equal("publications refused", countErrs(errs), 0)
+	if err := b.clearMap(); err != nil {
+		return err
+	}
 	start := time.Now()
 	snap, err := reg.Snapshot(ctx)
 	if err != nil {
@@ -140,65 +257,158 @@ func run(big int) error {
 	snapDur := time.Since(start)
 	states := toStates(snap)
 	mapStart := time.Now()
-	if err := rec.Replace(ctx, states); err != nil {
+	if err := b.rec.Replace(ctx, states); err != nil {
 		return err
 	}
-	total := time.Since(start)
-	rows = append(rows, row{"full sync 100,000 routes (Redis + map)", "aim 1 s", fmt.Sprintf("%.0f ms (redis %.0f ms, map %.0f ms)", ms(total), ms(snapDur), ms(time.Since(mapStart))), fmt.Sprintf("%.2f× of aim", total.Seconds())})
+	total, mapDur := time.Since(start), time.Since(mapStart)
+	b.chk.Equal("routes in the Redis snapshot", len(snap.Routes), n)
+	b.checkMapSize("routes in the map after the full sync", n)
+	b.chk.Positive("full sync duration (s)", total.Seconds())
+	b.rows = append(b.rows, row{fmt.Sprintf("full sync %s routes (Redis + map)", thousands(n)), "aim 1 s", fmt.Sprintf("%.0f ms (redis %.0f ms, map %.0f ms)", ms(total), ms(snapDur), ms(mapDur)), fmt.Sprintf("%.2f× of aim", total.Seconds())})
+	return nil
+}
 
-	// 3. Map-only sync of a million routes.
-	if big > 0 {
-		_ = rm.Delete(mustKeys(rm))
-		bigRoutes := makeRoutes(big)
-		start = time.Now()
-		if err := rec.Replace(ctx, bigRoutes); err != nil {
-			return err
-		}
-		d := time.Since(start)
-		rows = append(rows, row{fmt.Sprintf("full sync %d routes (map only)", big), "-", fmt.Sprintf("%.0f ms", ms(d)), fmt.Sprintf("%.0f routes/s", float64(big)/d.Seconds())})
-		_ = rm.Delete(mustKeys(rm))
+// bigSync times a map-only sync of cfg.big routes into an empty map.
+func (b *bench) bigSync() error {
+	if b.cfg.big <= 0 {
+		return nil
 	}
+	if err := b.clearMap(); err != nil {
+		return err
+	}
+	bigRoutes := makeRoutes(b.cfg.big)
+	start := time.Now()
+	if err := b.rec.Replace(context.Background(), bigRoutes); err != nil {
+		return err
+	}
+	d := time.Since(start)
+	b.checkMapSize("routes in the map after the map-only sync", b.cfg.big)
+	b.chk.Positive("map-only sync routes/s", float64(b.cfg.big)/d.Seconds())
+	b.rows = append(b.rows, row{fmt.Sprintf("full sync %s routes (map only)", thousands(b.cfg.big)), "-", fmt.Sprintf("%.0f ms", ms(d)), fmt.Sprintf("%.0f routes/s", float64(b.cfg.big)/d.Seconds())})
+	return b.clearMap()
+}
 
-	// 4. A route published by a PS to visible in the map, through the real
-	// redirector sync (registry mirror + reconciler).
-	mirror, err := registry.NewMirror(registry.MirrorConfig{Registry: reg, Sink: rec, Resync: time.Hour, Logger: slog.New(slog.DiscardHandler)})
+// publishLatency times cfg.samples routes, one by one, from a PS
+// publishing each to its being in the map, through the real redirector
+// sync (registry mirror + reconciler), and checks each entry's backend.
+func (b *bench) publishLatency(reg *registry.Registry) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	mirror, err := registry.NewMirror(registry.MirrorConfig{Registry: reg, Sink: b.rec, Resync: time.Hour, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return err
 	}
-	mctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() { _ = mirror.Run(mctx) }()
+	go func() { _ = mirror.Run(ctx) }()
 	<-mirror.Ready()
+	want := netip.MustParseAddrPort("127.0.0.1:40000")
 	var lat []float64
-	for i := range 300 {
+	wrong := 0
+	for i := range b.cfg.samples {
 		t := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 99, byte(i >> 8), byte(i)}), 80)
 		key, _ := redirector.EncodeKey(t)
 		start := time.Now()
-		if _, err := reg.Publish(ctx, "ps1", []registry.Publication{{Target: t, Port: 40000, AgentID: "lat"}}); err != nil {
+		errs, err := reg.Publish(ctx, "ps1", []registry.Publication{{Target: t, Port: want.Port(), AgentID: "lat"}})
+		if err != nil {
 			return err
 		}
+		if err := countErr(errs); err != nil {
+			return fmt.Errorf("publish %s: %w", t, err)
+		}
 		var v bpf.RedirectRouteValue
-		for routes.Lookup(&key, &v) != nil {
+		for b.routes.Lookup(&key, &v) != nil {
 			if time.Since(start) > 5*time.Second {
 				return fmt.Errorf("route %s never reached the map", t)
 			}
 			time.Sleep(50 * time.Microsecond)
 		}
 		lat = append(lat, float64(time.Since(start).Microseconds())/1000)
+		if got, state := redirector.DecodeBackend(v.Backends[0]); got != want || state != "live" {
+			if wrong++; wrong == 1 {
+				b.chk.Failf("route %s in the map: backend %v (%s), want %v (live)", t, got, state, want)
+			}
+		}
+	}
+	b.chk.Equal("published routes with a wrong backend in the map", wrong, 0)
+	b.chk.Equal("publish -> in map samples", len(lat), b.cfg.samples)
+	if len(lat) == 0 {
+		return nil
 	}
 	sort.Float64s(lat)
-	rows = append(rows, row{"publish -> in map, p50", "aim p99 < 100 ms", fmt.Sprintf("%.2f ms", lat[len(lat)/2]), ""})
-	rows = append(rows, row{"publish -> in map, p99", "aim p99 < 100 ms", fmt.Sprintf("%.2f ms", lat[len(lat)*99/100]), fmt.Sprintf("%.3f× of aim", lat[len(lat)*99/100]/100)})
+	p50, p99 := lat[len(lat)/2], lat[len(lat)*99/100]
+	b.chk.Positive("publish -> in map p50 (ms)", p50)
+	b.chk.Positive("publish -> in map p99 (ms)", p99)
+	b.rows = append(b.rows, row{"publish -> in map, p50", "aim p99 < 100 ms", fmt.Sprintf("%.2f ms", p50), ""})
+	b.rows = append(b.rows, row{"publish -> in map, p99", "aim p99 < 100 ms", fmt.Sprintf("%.2f ms", p99), fmt.Sprintf("%.3f× of aim", p99/100)})
+	return nil
+}
 
-	fmt.Println("\n== redirector (eBPF) ==")
-	fmt.Printf("%-42s %-18s %-40s %s\n", "metric", "baseline", "tether", "ratio")
-	for _, r := range rows {
-		fmt.Printf("%-42s %-18s %-40s %s\n", r.metric, r.base, r.value, r.ratio)
+// counter reads one of the redirector's counters.
+func (b *bench) counter(name string) (uint64, error) {
+	st, err := redirector.ReadStatus(b.pin)
+	if err != nil {
+		return 0, err
+	}
+	v, ok := st.Counters[name]
+	if !ok {
+		return 0, fmt.Errorf("redirector has no counter %q", name)
+	}
+	return v, nil
+}
+
+// clearMap deletes every route in the map and checks that none is left.
+func (b *bench) clearMap() error {
+	keys, err := b.rm.Keys()
+	if err != nil {
+		return err
+	}
+	if err := b.rm.Delete(keys); err != nil {
+		return fmt.Errorf("clear the route map: %w", err)
+	}
+	b.checkMapSize("routes in the map after clearing it", 0)
+	return nil
+}
+
+// checkMapSize checks that the route map holds want routes.
+func (b *bench) checkMapSize(what string, want int) {
+	keys, err := b.rm.Keys()
+	if err != nil {
+		b.chk.Failf("%s: %v", what, err)
+		return
+	}
+	b.chk.Equal(what, len(keys), want)
+}
+
+func countErrs(errs []error) int {
+	n := 0
+	for _, e := range errs {
+		if e != nil {
+			n++
+		}
+	}
+	return n
+}
+
+func countErr(errs []error) error {
+	for _, e := range errs {
+		if e != nil {
+			return e
+		}
 	}
 	return nil
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// thousands formats n with commas: 100,000.
+func thousands(n int) string {
+	s := strconv.Itoa(n)
+	var out []string
+	for len(s) > 3 {
+		out = append([]string{s[len(s)-3:]}, out...)
+		s = s[:len(s)-3]
+	}
+	return strings.Join(append([]string{s}, out...), ",")
+}
 
 func target(i int) netip.AddrPort {
 	return netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 100 + byte(i>>24), byte(i >> 16), byte(i >> 8)}), uint16(1+i%256))
@@ -229,45 +439,47 @@ func toStates(s registry.Snapshot) []registry.RouteState {
 	return out
 }
 
-func mustKeys(rm redirector.RouteMap) []bpf.RedirectRouteKey {
-	k, _ := rm.Keys()
-	return k
-}
-
 func median(xs []float64) float64 {
 	s := append([]float64(nil), xs...)
 	sort.Float64s(s)
 	return s[len(s)/2]
 }
 
-// connectCost runs the connect loop in a child started inside cgroup and
-// returns ns per connect+close.
-func connectCost(cgroup, addr string) (float64, error) {
+// connectChildIn runs the connect loop (n connects) in a child started
+// inside cgroup and returns ns per connect+close.
+func connectChildIn(cgroup, addr string, n int) (float64, error) {
 	f, err := os.Open(cgroup)
 	if err != nil {
 		return 0, err
 	}
 	defer f.Close()
 	cmd := exec.Command("/proc/self/exe")
-	cmd.Env = append(os.Environ(), "BENCH_CHILD=connect", "BENCH_ADDR="+addr)
+	cmd.Env = append(os.Environ(), "BENCH_CHILD=connect", "BENCH_ADDR="+addr, "BENCH_N="+strconv.Itoa(n))
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		return 0, fmt.Errorf("connect child: %w", err)
+		return 0, fmt.Errorf("connect child: %w: %s", err, strings.TrimSpace(stderr.String()))
 	}
-	return strconv.ParseFloat(string(out[:len(out)-1]), 64)
+	return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
 }
 
-// connectChild connects and closes many times with raw syscalls (no Go
-// netpoller noise) and prints ns per iteration.
+// connectChild connects and closes BENCH_N times with raw syscalls (no Go
+// netpoller noise), each refused, and prints ns per iteration.
 func connectChild() int {
 	ap := netip.MustParseAddrPort(os.Getenv("BENCH_ADDR"))
+	n, err := strconv.Atoi(os.Getenv("BENCH_N"))
+	if err != nil || n <= 0 {
+		fmt.Fprintln(os.Stderr, "connect child: bad BENCH_N:", os.Getenv("BENCH_N"))
+		return 1
+	}
 	sa := &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-	const n = 50000
 	start := time.Now()
 	for range n {
 		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
 		if err != nil {
+			fmt.Fprintln(os.Stderr, "connect child: socket:", err)
 			return 1
 		}
 		if err := syscall.Connect(fd, sa); err != syscall.ECONNREFUSED {
@@ -277,6 +489,6 @@ func connectChild() int {
 		}
 		syscall.Close(fd)
 	}
-	fmt.Printf("%f\n", float64(time.Since(start).Nanoseconds())/n)
+	fmt.Printf("%f\n", float64(time.Since(start).Nanoseconds())/float64(n))
 	return 0
 }

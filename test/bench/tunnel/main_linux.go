@@ -5,11 +5,18 @@
 // handshake and the PS's memory per endpoint. It starts its own
 // redis-server, two PS nodes and an agent in this process.
 //
-//	go run ./test/bench/tunnel [-d 3s] [-windows 262144,1048576,4194304,16777216]
+// Every run also checks what holds on any machine, however loaded (each
+// figure positive and finite, every row measured, echoed bytes as sent,
+// every endpoint registered with a port) and exits 1 when a check fails.
+// -smoke makes the same run in seconds, with tiny durations and sizes.
+//
+//	go run ./test/bench/tunnel [-smoke] [-d 3s] [-windows 262144,1048576,4194304,16777216]
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -34,27 +41,39 @@ import (
 	"github.com/tether-net/tether/tunnel"
 )
 
+type config struct {
+	dur        time.Duration
+	windows    string
+	endpoints  int
+	cpuprofile string
+}
+
 func main() {
-	dur := flag.Duration("d", 3*time.Second, "duration of each throughput and rate measurement")
-	windows := flag.String("windows", "", "comma-separated yamux stream windows (bytes) to compare on bulk throughput; empty = the default only")
-	endpoints := flag.Int("endpoints", 10000, "endpoints in the registration measurement")
-	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	var cfg config
+	flag.DurationVar(&cfg.dur, "d", 3*time.Second, "duration of each throughput and rate measurement")
+	flag.StringVar(&cfg.windows, "windows", "", "comma-separated yamux stream windows (bytes) to compare on bulk throughput; empty = the default only")
+	flag.IntVar(&cfg.endpoints, "endpoints", 10000, "endpoints in the registration measurement")
+	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.StringVar(&only, "only", "", "run only the measurements whose name contains this (for profiling)")
+	smoke := flag.Bool("smoke", false, "the same run in seconds (tiny durations and sizes, every check), for CI")
 	flag.Parse()
-	if *cpuprofile != "" {
-		f, err := os.Create(*cpuprofile)
+	chk := benchutil.NewChecks("bench/tunnel")
+	if *smoke {
+		// One window besides the default, so the -windows path runs too.
+		if err := benchutil.SmokeDefaults(flag.CommandLine, map[string]string{"d": "250ms", "endpoints": "1000", "windows": "262144"}); err != nil {
+			chk.Finish(err)
+		}
+	}
+	if cfg.cpuprofile != "" {
+		f, err := os.Create(cfg.cpuprofile)
 		if err != nil {
-			fmt.Fprintln(os.Stderr, "bench:", err)
-			os.Exit(1)
+			chk.Finish(err)
 		}
 		_ = pprof.StartCPUProfile(f)
-		defer pprof.StopCPUProfile()
 	}
-	if err := run(*dur, *windows, *endpoints); err != nil {
-		pprof.StopCPUProfile()
-		fmt.Fprintln(os.Stderr, "bench:", err)
-		os.Exit(1)
-	}
+	err := run(cfg, chk)
+	pprof.StopCPUProfile()
+	chk.Finish(err)
 }
 
 type row struct {
@@ -64,112 +83,149 @@ type row struct {
 	higherIsBetter bool
 }
 
-func run(dur time.Duration, windowList string, nEndpoints int) error {
+// servers are the addresses of the three test services: direct, or the
+// first PS's ports for them.
+type servers struct{ bulk, echo, rpc string }
+
+func run(cfg config, chk *benchutil.Checks) error {
 	redisURL, stopRedis, err := benchutil.StartRedis()
 	if err != nil {
 		return err
 	}
 	defer stopRedis()
-
-	bulk, err := serve(bulkServer)
-	if err != nil {
-		return err
-	}
-	echo, err := serve(echoServer)
-	if err != nil {
-		return err
-	}
-	rpc, err := serve(oneShotServer)
+	direct, err := startServers()
 	if err != nil {
 		return err
 	}
 
 	fmt.Printf("tether tunnel benchmark: loopback, GOMAXPROCS=%d, %v per measurement, stream window %d KiB\n\n",
-		runtime.GOMAXPROCS(0), dur, tunnel.DefaultStreamWindow>>10)
+		runtime.GOMAXPROCS(0), cfg.dur, tunnel.DefaultStreamWindow>>10)
 	// Registration first, on a quiet process, so the memory figure is not
 	// blurred by buffers of the data-path measurements being freed.
-	if err := registration(redisURL, nEndpoints); err != nil {
+	if err := registration(redisURL, cfg.endpoints, chk); err != nil {
 		return err
 	}
 	fmt.Println()
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	env, err := startTether(ctx, redisURL, tunnel.DefaultStreamWindow, bulk, echo, rpc)
+	env, err := startTether(ctx, redisURL, tunnel.DefaultStreamWindow, direct)
 	if err != nil {
 		return err
 	}
 	defer env.stop()
-
-	var rows []row
-	measure := func(name, unit string, higher bool, f func(addr string) (float64, error), direct, via string) error {
-		if only != "" && !strings.Contains(name, only) {
-			return nil
-		}
-		d, err := f(direct)
-		if err != nil {
-			return fmt.Errorf("%s direct: %w", name, err)
-		}
-		v, err := f(via)
-		if err != nil {
-			return fmt.Errorf("%s via tether: %w", name, err)
-		}
-		rows = append(rows, row{name, d, v, unit, higher})
-		return nil
-	}
-	if err := measure("bulk, 1 stream", "MiB/s", true, func(a string) (float64, error) { return bulkRate(a, 1, dur) }, bulk, env.bulk); err != nil {
-		return err
-	}
-	if err := measure("bulk, 8 streams", "MiB/s", true, func(a string) (float64, error) { return bulkRate(a, 8, dur) }, bulk, env.bulk); err != nil {
-		return err
-	}
-	var lat [2][]time.Duration
-	for i, a := range []string{echo, env.echo} {
-		if only != "" && !strings.Contains("req/resp", only) {
-			break
-		}
-		if lat[i], err = pingPong(a, dur); err != nil {
-			return fmt.Errorf("request/response: %w", err)
-		}
-	}
-	if len(lat[1]) > 0 {
-		rows = append(rows,
-			row{"req/resp p50 (kept conn)", us(pct(lat[0], 50)), us(pct(lat[1], 50)), "µs", false},
-			row{"req/resp p99 (kept conn)", us(pct(lat[0], 99)), us(pct(lat[1], 99)), "µs", false},
-			row{"req/resp rate (kept conn)", float64(len(lat[0])) / dur.Seconds(), float64(len(lat[1])) / dur.Seconds(), "req/s", true})
-	}
-	if err := measure("connect+request+close, 8 clients", "conn/s", true, func(a string) (float64, error) { return connectRate(a, 8, dur) }, rpc, env.rpc); err != nil {
+	rows, err := dataPath(cfg.dur, direct, env.servers, chk)
+	if err != nil {
 		return err
 	}
 	printTable(rows)
-
-	if windowList != "" {
-		fmt.Println("\nbulk throughput by yamux stream window (1 stream / 8 streams, MiB/s):")
-		for _, w := range strings.Split(windowList, ",") {
-			n, err := strconv.Atoi(strings.TrimSpace(w))
-			if err != nil {
-				return fmt.Errorf("-windows: %w", err)
-			}
-			wctx, wcancel := context.WithCancel(ctx)
-			wenv, err := startTether(wctx, redisURL, uint32(n), bulk, echo, rpc)
-			if err != nil {
-				wcancel()
-				return err
-			}
-			one, err1 := bulkRate(wenv.bulk, 1, dur)
-			eight, err2 := bulkRate(wenv.bulk, 8, dur)
-			wenv.stop()
-			wcancel()
-			if err := errors.Join(err1, err2); err != nil {
-				return err
-			}
-			fmt.Printf("  %6d KiB  %8.0f  %8.0f\n", n>>10, one, eight)
-		}
+	for _, r := range rows {
+		chk.Positive(r.metric+", direct", r.direct)
+		chk.Positive(r.metric+", via tether", r.tether)
 	}
-	return nil
+	return windowTable(ctx, redisURL, cfg, direct, chk)
 }
 
 var only string
+
+func wanted(name string) bool { return only == "" || strings.Contains(name, only) }
+
+// dataPath runs each data-path measurement (those -only selects) direct
+// and via tether, and checks that each gave its rows.
+func dataPath(d time.Duration, direct, via servers, chk *benchutil.Checks) ([]row, error) {
+	bulk := func(n int) func(string) (float64, error) {
+		return func(a string) (float64, error) { return bulkRate(a, n, d) }
+	}
+	conns := func(a string) (float64, error) { return connectRate(a, 8, d) }
+	var rows []row
+	for _, m := range []struct {
+		name string
+		rows int
+		f    func() ([]row, error)
+	}{
+		{"bulk, 1 stream", 1, func() ([]row, error) { return pair("bulk, 1 stream", "MiB/s", true, bulk(1), direct.bulk, via.bulk) }},
+		{"bulk, 8 streams", 1, func() ([]row, error) { return pair("bulk, 8 streams", "MiB/s", true, bulk(8), direct.bulk, via.bulk) }},
+		{"req/resp", 3, func() ([]row, error) { return latency(direct.echo, via.echo, d) }},
+		{"connect+request+close, 8 clients", 1, func() ([]row, error) {
+			return pair("connect+request+close, 8 clients", "conn/s", true, conns, direct.rpc, via.rpc)
+		}},
+	} {
+		if !wanted(m.name) {
+			continue
+		}
+		r, err := m.f()
+		if err != nil {
+			return nil, err
+		}
+		chk.Equal(m.name+": rows measured", len(r), m.rows)
+		rows = append(rows, r...)
+	}
+	return rows, nil
+}
+
+// pair measures f direct and via tether: one row.
+func pair(name, unit string, higher bool, f func(addr string) (float64, error), direct, via string) ([]row, error) {
+	d, err := f(direct)
+	if err != nil {
+		return nil, fmt.Errorf("%s direct: %w", name, err)
+	}
+	v, err := f(via)
+	if err != nil {
+		return nil, fmt.Errorf("%s via tether: %w", name, err)
+	}
+	return []row{{name, d, v, unit, higher}}, nil
+}
+
+// latency measures request/response on a kept connection, direct and via
+// tether: p50, p99 and rate.
+func latency(direct, via string, d time.Duration) ([]row, error) {
+	var lat [2][]time.Duration
+	var took [2]time.Duration
+	for i, a := range []string{direct, via} {
+		var err error
+		if lat[i], took[i], err = pingPong(a, d); err != nil {
+			return nil, fmt.Errorf("request/response %s: %w", [2]string{"direct", "via tether"}[i], err)
+		}
+	}
+	rate := func(i int) float64 { return float64(len(lat[i])) / took[i].Seconds() }
+	return []row{
+		{"req/resp p50 (kept conn)", us(pct(lat[0], 50)), us(pct(lat[1], 50)), "µs", false},
+		{"req/resp p99 (kept conn)", us(pct(lat[0], 99)), us(pct(lat[1], 99)), "µs", false},
+		{"req/resp rate (kept conn)", rate(0), rate(1), "req/s", true},
+	}, nil
+}
+
+// windowTable compares bulk throughput over the stream windows of -windows,
+// each on a fresh tether.
+func windowTable(ctx context.Context, redisURL string, cfg config, direct servers, chk *benchutil.Checks) error {
+	if cfg.windows == "" {
+		return nil
+	}
+	fmt.Println("\nbulk throughput by yamux stream window (1 stream / 8 streams, MiB/s):")
+	for _, w := range strings.Split(cfg.windows, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(w))
+		if err != nil {
+			return fmt.Errorf("-windows: %w", err)
+		}
+		wctx, wcancel := context.WithCancel(ctx)
+		wenv, err := startTether(wctx, redisURL, uint32(n), direct)
+		if err != nil {
+			wcancel()
+			return err
+		}
+		one, err1 := bulkRate(wenv.bulk, 1, cfg.dur)
+		eight, err2 := bulkRate(wenv.bulk, 8, cfg.dur)
+		wenv.stop()
+		wcancel()
+		if err := errors.Join(err1, err2); err != nil {
+			return fmt.Errorf("window %d: %w", n, err)
+		}
+		chk.Positive(fmt.Sprintf("window %d KiB, bulk 1 stream", n>>10), one)
+		chk.Positive(fmt.Sprintf("window %d KiB, bulk 8 streams", n>>10), eight)
+		fmt.Printf("  %6d KiB  %8.0f  %8.0f\n", n>>10, one, eight)
+	}
+	return nil
+}
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
@@ -196,8 +252,8 @@ func unitShort(u string) string {
 // ---- the tether side --------------------------------------------------------
 
 type tetherEnv struct {
-	bulk, echo, rpc string // PS addresses of the three endpoints
-	stop            func()
+	servers // the first PS's ports for the three endpoints
+	stop    func()
 }
 
 var rangeNext atomic.Int32
@@ -205,11 +261,19 @@ var rangeNext atomic.Int32
 func init() { rangeNext.Store(30000) }
 
 // startTether starts two PS nodes and an agent exposing the three servers,
-// and returns the first PS's address for each endpoint.
-func startTether(ctx context.Context, redisURL string, window uint32, bulk, echo, rpc string) (*tetherEnv, error) {
+// and returns the first PS's address for each endpoint once the registry
+// holds both backends of each.
+func startTether(ctx context.Context, redisURL string, window uint32, direct servers) (*tetherEnv, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	var pss []*ps.PS
+	stop := func() {
+		cancel()
+		wg.Wait()
+		for _, ps := range pss {
+			_ = ps.Close()
+		}
+	}
 	var addrs []string
 	quiet := slog.New(slog.DiscardHandler)
 	for i := range 2 {
@@ -222,50 +286,52 @@ func startTether(ctx context.Context, redisURL string, window uint32, bulk, echo
 		cfg.Redis = redisURL
 		cfg.StreamWindow = int(window)
 		cfg.Logger = quiet
-		ps, err := ps.New(cfg)
+		p, err := ps.New(cfg)
 		if err != nil {
-			cancel()
+			stop()
 			return nil, err
 		}
+		pss = append(pss, p)
 		wg.Add(1)
-		go func() { defer wg.Done(); _ = ps.Run(ctx) }()
-		a, err := ps.Addr(ctx)
+		go func() { defer wg.Done(); _ = p.Run(ctx) }()
+		a, err := p.Addr(ctx)
 		if err != nil {
-			cancel()
+			stop()
 			return nil, err
 		}
-		pss = append(pss, ps)
 		addrs = append(addrs, a.String())
 	}
 	acfg := agent.DefaultConfig()
 	acfg.ID = fmt.Sprintf("bench-agent-%d", rangeNext.Load())
 	acfg.IP = "127.77.0.1"
 	acfg.Servers = addrs
-	acfg.Expose = []string{"1=" + bulk, "2=" + echo, "3=" + rpc}
+	acfg.Expose = []string{"1=" + direct.bulk, "2=" + direct.echo, "3=" + direct.rpc}
 	acfg.StreamWindow = int(window)
 	acfg.Logger = quiet
 	ag, err := agent.New(acfg)
 	if err != nil {
-		cancel()
+		stop()
 		return nil, err
 	}
 	wg.Add(1)
 	go func() { defer wg.Done(); _ = ag.Run(ctx) }()
-	stop := func() {
-		cancel()
-		wg.Wait()
-		for _, ps := range pss {
-			_ = ps.Close()
-		}
-	}
-	reg, err := registry.New(registry.Config{URL: redisURL})
-	if err != nil {
+	env := &tetherEnv{stop: stop}
+	if err := waitBackends(ctx, redisURL, &env.servers); err != nil {
 		stop()
 		return nil, err
 	}
+	return env, nil
+}
+
+// waitBackends waits until the registry holds two backends for each of the
+// agent's three endpoints and sets via to the first PS's ports.
+func waitBackends(ctx context.Context, redisURL string, via *servers) error {
+	reg, err := registry.New(registry.Config{URL: redisURL})
+	if err != nil {
+		return err
+	}
 	defer reg.Close()
-	env := &tetherEnv{stop: stop}
-	for port, dst := range map[uint16]*string{1: &env.bulk, 2: &env.echo, 3: &env.rpc} {
+	for port, dst := range map[uint16]*string{1: &via.bulk, 2: &via.echo, 3: &via.rpc} {
 		target := netip.AddrPortFrom(netip.MustParseAddr("127.77.0.1"), port)
 		deadline := time.Now().Add(15 * time.Second)
 		for {
@@ -275,16 +341,30 @@ func startTether(ctx context.Context, redisURL string, window uint32, bulk, echo
 				break
 			}
 			if time.Now().After(deadline) {
-				stop()
-				return nil, fmt.Errorf("route %s did not get two backends: %v", target, err)
+				return fmt.Errorf("route %s did not get two backends: %v", target, err)
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	return env, nil
+	return nil
 }
 
 // ---- servers ------------------------------------------------------------------
+
+func startServers() (servers, error) {
+	var s servers
+	for _, x := range []struct {
+		dst    *string
+		handle func(net.Conn)
+	}{{&s.bulk, bulkServer}, {&s.echo, echoServer}, {&s.rpc, oneShotServer}} {
+		a, err := serve(x.handle)
+		if err != nil {
+			return s, err
+		}
+		*x.dst = a
+	}
+	return s, nil
+}
 
 func serve(handle func(net.Conn)) (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -317,7 +397,8 @@ func bulkServer(c net.Conn) {
 // echoServer echoes every read.
 func echoServer(c net.Conn) { _, _ = io.CopyBuffer(c, c, make([]byte, 4096)) }
 
-// oneShotServer reads one request line, answers, and closes: a tiny RPC.
+// oneShotServer reads a 16-byte request, answers it and 16 zero bytes, and
+// closes: a tiny RPC.
 func oneShotServer(c net.Conn) {
 	buf := make([]byte, 64)
 	if _, err := io.ReadFull(c, buf[:16]); err != nil {
@@ -328,33 +409,23 @@ func oneShotServer(c net.Conn) {
 
 // ---- clients ------------------------------------------------------------------
 
-// bulkRate downloads from addr over n connections for d; MiB/s.
+// bulkRate downloads from addr over n connections for d; MiB/s. Each
+// connection must carry data, and only zeros (checked on its first and
+// last read, not to slow the stream down).
 func bulkRate(addr string, n int, d time.Duration) (float64, error) {
 	var total atomic.Int64
 	var wg sync.WaitGroup
 	errc := make(chan error, n)
 	stop := time.Now().Add(d)
-	// Warm up the connection (and yamux windows) before timing.
 	start := time.Now()
 	for range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := net.Dial("tcp", addr)
+			got, err := bulkStream(addr, stop)
+			total.Add(got)
 			if err != nil {
 				errc <- err
-				return
-			}
-			defer c.Close()
-			buf := make([]byte, 256<<10)
-			_ = c.SetDeadline(stop.Add(5 * time.Second))
-			for time.Now().Before(stop) {
-				k, err := c.Read(buf)
-				total.Add(int64(k))
-				if err != nil {
-					errc <- err
-					return
-				}
 			}
 		}()
 	}
@@ -366,31 +437,86 @@ func bulkRate(addr string, n int, d time.Duration) (float64, error) {
 	return float64(total.Load()) / (1 << 20) / time.Since(start).Seconds(), nil
 }
 
-// pingPong sends 64-byte requests on one kept connection and waits for each
-// echo, for d; it returns every round trip.
-func pingPong(addr string, d time.Duration) ([]time.Duration, error) {
+// bulkStream reads one bulk connection until stop; bytes read.
+func bulkStream(addr string, stop time.Time) (int64, error) {
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
 	defer c.Close()
+	buf := make([]byte, 256<<10)
+	_ = c.SetDeadline(stop.Add(5 * time.Second))
+	var got int64
+	k := 0
+	for first := true; first || time.Now().Before(stop); first = false {
+		k, err = c.Read(buf)
+		got += int64(k)
+		if err != nil {
+			return got, err
+		}
+		if first && !allZero(buf[:k]) {
+			return got, errors.New("bulk stream: the first read carried non-zero bytes")
+		}
+	}
+	if !allZero(buf[:k]) {
+		return got, errors.New("bulk stream: the last read carried non-zero bytes")
+	}
+	if got == 0 {
+		return 0, errors.New("bulk stream: a connection carried no data")
+	}
+	return got, nil
+}
+
+func allZero(b []byte) bool {
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// minSamples is the fewest request/response samples pingPong takes, past
+// its warm-up, however short d.
+const minSamples = 50
+
+// pingPong sends 64-byte numbered requests on one kept connection and
+// waits for each echo (which must be the same bytes), for d and at least
+// minSamples; it returns every round trip past the warm-up, and the time
+// they took.
+func pingPong(addr string, d time.Duration) ([]time.Duration, time.Duration, error) {
+	const warmup = 100
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(d + 30*time.Second))
 	req := make([]byte, 64)
 	resp := make([]byte, 64)
 	var out []time.Duration
+	var t1 time.Time
 	stop := time.Now().Add(d)
-	for i := 0; time.Now().Before(stop); i++ {
+	for i := 0; time.Now().Before(stop) || len(out) < minSamples; i++ {
+		binary.BigEndian.PutUint64(req, uint64(i))
 		t0 := time.Now()
+		if i == warmup {
+			t1 = t0
+		}
 		if _, err := c.Write(req); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if _, err := io.ReadFull(c, resp); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
-		if i >= 100 { // skip the warm-up
+		if !bytes.Equal(req, resp) {
+			return nil, 0, fmt.Errorf("echo of request %d: got %x, want %x", i, resp[:8], req[:8])
+		}
+		if i >= warmup {
 			out = append(out, time.Since(t0))
 		}
 	}
-	return out, nil
+	return out, time.Since(t1), nil
 }
 
 func pct(ds []time.Duration, p int) time.Duration {
@@ -410,25 +536,12 @@ func connectRate(addr string, n int, d time.Duration) (float64, error) {
 	errc := make(chan error, n)
 	stop := time.Now().Add(d)
 	start := time.Now()
-	for range n {
+	for w := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			req := make([]byte, 16)
-			resp := make([]byte, 32)
-			for time.Now().Before(stop) {
-				c, err := net.Dial("tcp", addr)
-				if err != nil {
-					errc <- err
-					return
-				}
-				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-				_, err = c.Write(req)
-				if err == nil {
-					_, err = io.ReadFull(c, resp)
-				}
-				c.Close()
-				if err != nil {
+			for i := 0; time.Now().Before(stop); i++ {
+				if err := oneShot(addr, uint64(w)<<32|uint64(i)); err != nil {
 					errc <- err
 					return
 				}
@@ -444,38 +557,54 @@ func connectRate(addr string, n int, d time.Duration) (float64, error) {
 	return float64(done.Load()) / time.Since(start).Seconds(), nil
 }
 
+// oneShot connects, sends request number id, checks the answer (the
+// request, then 16 zero bytes) and closes.
+func oneShot(addr string, id uint64) error {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	req := make([]byte, 16)
+	resp := make([]byte, 32)
+	binary.BigEndian.PutUint64(req, id)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write(req); err != nil {
+		return err
+	}
+	if _, err := io.ReadFull(c, resp); err != nil {
+		return err
+	}
+	if !bytes.Equal(resp[:16], req) || !allZero(resp[16:]) {
+		return fmt.Errorf("answer to request %x: got %x", req, resp)
+	}
+	return nil
+}
+
 // ---- registration -------------------------------------------------------------
+
+const regPorts = 40000 // first port of the registration PS
 
 // registration measures one handshake exposing n endpoints against a fresh
 // PS: endpoints per second (allocation, n listeners, the batched publish
-// and the welcome), and the PS's heap and stack growth per endpoint.
-func registration(redisURL string, n int) error {
-	cfg := ps.DefaultConfig()
-	cfg.ID = "bench-reg"
-	cfg.Listen = "127.0.0.1:0"
-	cfg.Advertise = "127.0.0.1"
-	cfg.Ports = fmt.Sprintf("%d-%d", 40000, 40000+n+2000-1)
-	cfg.Redis = redisURL
-	cfg.Logger = slog.New(slog.DiscardHandler)
-	ps, err := ps.New(cfg)
-	if err != nil {
-		return err
-	}
+// and the welcome), and the PS's heap and stack growth per endpoint. It
+// checks that every endpoint came back with a port of the PS's range and
+// is in the registry with that port.
+func registration(redisURL string, n int, chk *benchutil.Checks) error {
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = ps.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done; _ = ps.Close() }()
-	addr, err := ps.Addr(ctx)
+	defer cancel()
+	addr, stop, err := startRegPS(ctx, redisURL, n)
 	if err != nil {
 		return err
 	}
+	defer stop()
 	hello := &tunnel.Hello{AgentID: "bench-many", AgentIP: netip.MustParseAddr("127.78.0.1"), Epoch: 1}
 	for i := range n {
 		hello.Endpoints = append(hello.Endpoints, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 78, byte(i >> 8), byte(i)}), 9100))
 	}
 	before := memNow()
 	start := time.Now()
-	conn, err := net.Dial("tcp", addr.String())
+	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		return err
 	}
@@ -492,10 +621,73 @@ func registration(redisURL string, n int) error {
 		}
 	}
 	after := memNow()
+	rate, perEndpoint := float64(ok)/took.Seconds(), float64(after-before)/1024/float64(max(ok, 1))
 	fmt.Printf("registration: %d endpoints in one handshake (%d accepted) in %v = %.0f endpoints/s\n",
-		n, ok, took.Round(time.Millisecond), float64(ok)/took.Seconds())
+		n, ok, took.Round(time.Millisecond), rate)
 	fmt.Printf("ps memory per endpoint: %.1f KiB (heap %+.1f MiB, goroutine stacks %+.1f MiB, in-process, after GC)\n",
-		float64(after-before)/1024/float64(max(ok, 1)), float64(heapDelta)/(1<<20), float64(stackDelta)/(1<<20))
+		perEndpoint, float64(heapDelta)/(1<<20), float64(stackDelta)/(1<<20))
+	chk.Positive("registration endpoints/s", rate)
+	chk.Positive("ps memory per endpoint", perEndpoint)
+	return checkRegistered(ctx, redisURL, hello, s.Welcome, chk)
+}
+
+// startRegPS starts the registration PS, with ports for n endpoints.
+func startRegPS(ctx context.Context, redisURL string, n int) (addr string, stop func(), err error) {
+	cfg := ps.DefaultConfig()
+	cfg.ID = "bench-reg"
+	cfg.Listen = "127.0.0.1:0"
+	cfg.Advertise = "127.0.0.1"
+	cfg.Ports = fmt.Sprintf("%d-%d", regPorts, regPorts+n+2000-1)
+	cfg.Redis = redisURL
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	p, err := ps.New(cfg)
+	if err != nil {
+		return "", nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { _ = p.Run(ctx); close(done) }()
+	stop = func() { cancel(); <-done; _ = p.Close() }
+	a, err := p.Addr(ctx)
+	if err != nil {
+		stop()
+		return "", nil, err
+	}
+	return a.String(), stop, nil
+}
+
+// checkRegistered checks that the welcome gave every endpoint of hello its
+// own port of the PS's range, and that the registry holds each endpoint on
+// that port.
+func checkRegistered(ctx context.Context, redisURL string, hello *tunnel.Hello, w *tunnel.Welcome, chk *benchutil.Checks) error {
+	n := len(hello.Endpoints)
+	if !chk.Equal("welcome results", len(w.Endpoints), n) {
+		return nil
+	}
+	reg, err := registry.New(registry.Config{URL: redisURL, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	inUse, err := reg.PortsInUse(ctx, "bench-reg")
+	if err != nil {
+		return fmt.Errorf("registry ports of the registration PS: %w", err)
+	}
+	accepted, wrong := 0, 0
+	for i, r := range w.Endpoints {
+		if r.Port == 0 {
+			continue
+		}
+		accepted++
+		if int(r.Port) < regPorts || int(r.Port) >= regPorts+n+2000 || inUse[r.Port] != hello.Endpoints[i] {
+			if wrong++; wrong == 1 {
+				chk.Failf("endpoint %s: port %d, which the registry holds for %v", hello.Endpoints[i], r.Port, inUse[r.Port])
+			}
+		}
+	}
+	chk.Equal("endpoints accepted with a port", accepted, n)
+	chk.Equal("endpoints in the registry", len(inUse), n)
+	chk.Equal("endpoints on a port the registry does not hold for them", wrong, 0)
 	return nil
 }
 
