@@ -17,6 +17,7 @@ import (
 	tu "github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/internal/tunneltest"
 	"github.com/tether-net/tether/ps"
+	"github.com/tether-net/tether/registry"
 	"github.com/tether-net/tether/tunnel"
 )
 
@@ -62,10 +63,31 @@ func TestAllowClientsAndAgentCIDRs(t *testing.T) {
 		t.Fatalf("clients rejected = %v, want 1", n)
 	}
 
-	_, err := tunneltest.Handshake(ps.Addr, &tunnel.Hello{AgentID: "a9", AgentIP: netip.MustParseAddr("127.77.0.9"), Epoch: 1,
-		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("127.77.0.9:80"), netip.MustParseAddrPort("127.99.0.9:80")}})
+	// One Hello, one endpoint inside --agent-cidrs and one outside: the
+	// tunnel is welcomed, and the Welcome refuses the outside endpoint alone.
+	allowed, outside := netip.MustParseAddrPort("127.77.0.9:80"), netip.MustParseAddrPort("127.99.0.9:80")
+	sess, err := tunneltest.Handshake(ps.Addr, &tunnel.Hello{AgentID: "a9", AgentIP: netip.MustParseAddr("127.77.0.9"), Epoch: 1,
+		Endpoints: []netip.AddrPort{allowed, outside}})
 	if err != nil {
 		t.Fatal(err)
+	}
+	defer sess.Close()
+	res := sess.Welcome.Endpoints
+	if len(res) != 2 {
+		t.Fatalf("welcome has %d endpoint results for 2 endpoints: %+v", len(res), res)
+	}
+	if res[0].Code != tunnel.CodeOK || res[0].Port == 0 {
+		t.Fatalf("endpoint %s inside --agent-cidrs: %+v, want ok with a port", allowed, res[0])
+	}
+	if res[1].Code != tunnel.CodeForbidden || res[1].Port != 0 {
+		t.Fatalf("endpoint %s outside --agent-cidrs: %+v, want %s without a port", outside, res[1], tunnel.CodeForbidden)
+	}
+	if n := testutil.MetricValue(t, reg, "tether_ps_handshakes_total", "result", "ok"); n != 2 {
+		t.Fatalf("handshakes ok = %v, want 2 (the good agent and a9, whose tunnel stands)", n)
+	}
+	tunneltest.WaitBackends(t, r, allowed, 1)
+	if rt, err := r.Get(context.Background(), outside); !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("the refused endpoint has a route: %+v, %v", rt, err)
 	}
 	tu.Eventually(t, 5*time.Second, "the refused exposure is logged", func() error {
 		if !strings.Contains(ps.Log.String(), "endpoint 127.99.0.9:80 is outside the ps's --agent-cidrs") {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
@@ -294,19 +295,29 @@ func TestTLSVerificationIsNeverSkipped(t *testing.T) {
 		}
 		return err
 	}
-	wrongCA, _ := ClientTLSConfig(TLSFiles{Cert: pki.ClientCert, Key: pki.ClientKey, CA: pki.OtherCA}, "127.0.0.1")
-	if err := try(wrongCA); err == nil {
-		t.Fatal("agent accepted a PS certificate its CA did not sign")
+	// Each client config must build: a nil config would fail the dial for
+	// its own reason and let a negative case pass without testing anything.
+	client := func(f TLSFiles) *tls.Config {
+		t.Helper()
+		c, err := ClientTLSConfig(f, "127.0.0.1")
+		if err != nil || c == nil {
+			t.Fatalf("client tls config %+v: %v, %v", f, c, err)
+		}
+		return c
 	}
-	noClientCert, _ := ClientTLSConfig(TLSFiles{CA: pki.CA}, "127.0.0.1")
-	if err := try(noClientCert); err == nil {
-		t.Fatal("PS with --tls-ca accepted an agent without a client certificate")
+	err = try(client(TLSFiles{Cert: pki.ClientCert, Key: pki.ClientKey, CA: pki.OtherCA}))
+	var unknownCA x509.UnknownAuthorityError
+	if !errors.As(err, &unknownCA) {
+		t.Fatalf("an agent given another CA must reject the PS certificate as signed by an unknown authority, got %v", err)
 	}
-	good, _ := ClientTLSConfig(TLSFiles{Cert: pki.ClientCert, Key: pki.ClientKey, CA: pki.CA}, "127.0.0.1")
-	if err := try(good); err != nil {
+	err = try(client(TLSFiles{CA: pki.CA}))
+	if err == nil || !strings.Contains(err.Error(), "tls: certificate required") {
+		t.Fatalf("a PS with --tls-ca must refuse an agent without a client certificate (alert \"certificate required\"), got %v", err)
+	}
+	if err := try(client(TLSFiles{Cert: pki.ClientCert, Key: pki.ClientKey, CA: pki.CA})); err != nil {
 		t.Fatalf("valid mutual TLS failed: %v", err)
 	}
-	if _, err := ServerTLSConfig(TLSFiles{CA: pki.CA}); err == nil {
-		t.Fatal("a PS given only a CA must refuse to start rather than serve plain TCP")
+	if c, err := ServerTLSConfig(TLSFiles{CA: pki.CA}); err == nil || c != nil || !strings.Contains(err.Error(), "needs both --tls-cert and --tls-key") {
+		t.Fatalf("a PS given only a CA must refuse to start rather than serve plain TCP, got %v, %v", c, err)
 	}
 }

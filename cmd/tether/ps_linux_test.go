@@ -1,13 +1,16 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -269,12 +272,38 @@ func TestRoutesComeBackAfterRedisAndAgentRestarts(t *testing.T) {
 	askVia(t, got["ps2"], "agent-a1")
 
 	// A crash and a restart of Redis that loses its data: the PS nodes
-	// publish their routes again.
-	rd.Kill()
-	if err := os.RemoveAll(filepath.Join(rd.Dir(), "appendonlydir")); err != nil {
+	// publish their routes again. A marker lease no PS would write again
+	// shows that the data really went: without it, routes that merely
+	// survived the restart would pass for recovered ones.
+	ctx := context.Background()
+	marker := registry.PSLease{ID: "marker", Addr: netip.MustParseAddr("127.0.0.1"), State: registry.PSActive, ExpiresAt: time.Now().Add(time.Hour)}
+	if err := reg.RenewPS(ctx, marker); err != nil {
 		t.Fatal(err)
 	}
+	if leases, err := reg.PSLeases(ctx); err != nil || leases["marker"].ID != "marker" {
+		t.Fatalf("marker lease not stored: %v, %v", leases, err)
+	}
+	// Whatever files this Redis persists to, as it names them itself: the
+	// AOF directory (Redis >= 7), the single AOF file (older), the RDB file.
+	files := redisDataFiles(t, rd.Addr())
+	rd.Kill()
+	removed := 0
+	for _, f := range files {
+		if _, err := os.Lstat(f); err != nil {
+			continue
+		}
+		if err := os.RemoveAll(f); err != nil {
+			t.Fatal(err)
+		}
+		removed++
+	}
+	if removed == 0 {
+		t.Fatalf("none of the persistence files %q existed: the data-loss case tests nothing", files)
+	}
 	rd.Start()
+	if leases, err := reg.PSLeases(ctx); err != nil || leases["marker"].ID != "" {
+		t.Fatalf("after deleting %q Redis still has the marker lease (%v, %v): no data was lost", files, leases["marker"], err)
+	}
 	got = waitPS(t, reg, target, "ps1", "ps2")
 	askVia(t, got["ps1"], "agent-a1")
 
@@ -295,4 +324,58 @@ func TestRoutesComeBackAfterRedisAndAgentRestarts(t *testing.T) {
 	})
 	askVia(t, got["ps1"], "agent-a1")
 	askVia(t, got["ps2"], "agent-a1")
+}
+
+// redisDataFiles asks the Redis at addr where it persists its data and
+// returns those paths: dir joined with dbfilename, appendfilename and, on
+// Redis >= 7, appenddirname (older servers return nothing for it).
+func redisDataFiles(t *testing.T, addr string) []string {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	get := func(name string) string {
+		if _, err := fmt.Fprintf(c, "*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$%d\r\n%s\r\n", len(name), name); err != nil {
+			t.Fatal(err)
+		}
+		// The answer is an array: empty, or the name and its value.
+		head, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("CONFIG GET %s: %v", name, err)
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(head, "*")))
+		if err != nil || !strings.HasPrefix(head, "*") {
+			t.Fatalf("CONFIG GET %s answered %q", name, head)
+		}
+		var vals []string
+		for range n {
+			if _, err := r.ReadString('\n'); err != nil { // $len
+				t.Fatalf("CONFIG GET %s: %v", name, err)
+			}
+			v, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("CONFIG GET %s: %v", name, err)
+			}
+			vals = append(vals, strings.TrimRight(v, "\r\n"))
+		}
+		if len(vals) != 2 {
+			return ""
+		}
+		return vals[1]
+	}
+	dir := get("dir")
+	if dir == "" {
+		t.Fatal("CONFIG GET dir answered nothing")
+	}
+	var out []string
+	for _, name := range []string{"dbfilename", "appendfilename", "appenddirname"} {
+		if v := get(name); v != "" {
+			out = append(out, filepath.Join(dir, v))
+		}
+	}
+	return out
 }

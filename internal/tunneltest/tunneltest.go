@@ -140,8 +140,21 @@ func FreeRange(t *testing.T, n int) string {
 }
 
 // StartAgent runs an agent in this process until the test ends or stop.
+// It fails t at once when the agent cannot be created, so it must be called
+// from the test's goroutine; other goroutines use RunAgent.
 func StartAgent(t *testing.T, id, ip string, servers []string, expose []string, mod func(*agent.Config)) (*agent.Agent, *LogBuf, func()) {
 	t.Helper()
+	a, lb, stop, err := RunAgent(t, id, ip, servers, expose, mod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a, lb, stop
+}
+
+// RunAgent is StartAgent for any goroutine: it reports a bad configuration
+// as an error instead of failing t, so a test may start agents from
+// goroutines of its own (t.Fatal works only on the test's goroutine).
+func RunAgent(t testing.TB, id, ip string, servers []string, expose []string, mod func(*agent.Config)) (*agent.Agent, *LogBuf, func(), error) {
 	cfg := agent.DefaultConfig()
 	cfg.ID = id
 	cfg.IP = ip
@@ -156,7 +169,7 @@ func StartAgent(t *testing.T, id, ip string, servers []string, expose []string, 
 	}
 	a, err := agent.New(cfg)
 	if err != nil {
-		t.Fatal(err)
+		return nil, nil, nil, fmt.Errorf("agent %s: %w", id, err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -164,7 +177,7 @@ func StartAgent(t *testing.T, id, ip string, servers []string, expose []string, 
 	var once sync.Once
 	stop := func() { once.Do(func() { cancel(); <-done; _ = a.Close() }) }
 	t.Cleanup(stop)
-	return a, lb, stop
+	return a, lb, stop, nil
 }
 
 // Serve runs handle for every connection to a new loopback listener until
