@@ -175,7 +175,9 @@ func TestReadFrameRefusesOversizeBeforeReading(t *testing.T) {
 }
 
 // FuzzDecodeHello checks that no input makes the Hello decoder panic, and
-// that whatever it accepts encodes back to the same bytes.
+// that whatever it accepts round-trips: it encodes back to the very same
+// bytes (every value has exactly one encoding, SPEC.md) and those decode to
+// an equal Hello. Seeds: testdata/fuzz/FuzzDecodeHello.
 func FuzzDecodeHello(f *testing.F) {
 	good, _ := EncodeHello(sampleHello())
 	f.Add(good)
@@ -184,36 +186,52 @@ func FuzzDecodeHello(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		h, err := DecodeHello(b)
 		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("a refused hello is not an ErrMalformed: %v", err)
+			}
 			return
 		}
 		again, err := EncodeHello(h)
 		if err != nil {
-			t.Fatalf("decoded hello does not encode: %v", err)
+			t.Fatalf("decoded hello %+v does not encode: %v", h, err)
 		}
 		if !bytes.Equal(again, b) {
 			t.Fatalf("re-encoding changed the bytes:\n%x\n%x", b, again)
+		}
+		h2, err := DecodeHello(again)
+		if err != nil || !reflect.DeepEqual(h2, h) {
+			t.Fatalf("decode, encode, decode: %+v, then %+v, %v", h, h2, err)
 		}
 	})
 }
 
 // FuzzDecodeStreamHeader does the same for stream headers, through the
-// reader the agent uses.
+// reader the agent uses: an accepted header re-encodes to the bytes it was
+// read from (what follows it on the stream is the connection's data) and
+// decodes again to an equal header. Seeds:
+// testdata/fuzz/FuzzDecodeStreamHeader.
 func FuzzDecodeStreamHeader(f *testing.F) {
 	good, _ := EncodeStreamHeader(StreamHeader{Target: netip.MustParseAddrPort("198.18.1.11:9100"), Source: netip.MustParseAddrPort("198.18.3.5:40000")})
 	f.Add(good)
 	f.Add([]byte{StreamVersion, 0})
 	f.Add([]byte{StreamVersion, 255, 1})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		h, err := ReadStreamHeader(bytes.NewReader(b))
+		r := bytes.NewReader(b)
+		h, err := ReadStreamHeader(r)
 		if err != nil {
 			return
 		}
+		read := b[:len(b)-r.Len()]
 		again, err := EncodeStreamHeader(h)
 		if err != nil {
-			t.Fatalf("decoded header does not encode: %v", err)
+			t.Fatalf("decoded header %+v does not encode: %v", h, err)
 		}
-		if !bytes.Equal(again, b[:len(again)]) {
-			t.Fatalf("re-encoding changed the bytes:\n%x\n%x", b, again)
+		if !bytes.Equal(again, read) {
+			t.Fatalf("re-encoding changed the bytes:\n%x\n%x", read, again)
+		}
+		h2, err := DecodeStreamHeader(again[2:])
+		if err != nil || h2 != h {
+			t.Fatalf("decode, encode, decode: %+v, then %+v, %v", h, h2, err)
 		}
 	})
 }
