@@ -36,6 +36,9 @@ bench-smoke: build ## the benchmarks in seconds, checking they still run and mea
 	$(GO) run ./test/bench/redirector -smoke
 	$(GO) run ./test/bench/proxy -smoke
 
+fuzz-smoke: ## every fuzz target for a few seconds (FUZZTIME=5s; CI runs this)
+	bash scripts/fuzz-smoke.sh
+
 demo: setup build ## the whole system in a simulated company network
 	$(GO) run ./scripts/demo --tether $(CURDIR)/$(BIN)
 
