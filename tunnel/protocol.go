@@ -81,10 +81,16 @@ var codeNames = map[Code]string{
 
 // RefusalCodes returns every refusal code this package knows (CodeOK
 // excluded), so metrics can show each one at zero before it happens.
-func RefusalCodes() []Code {
-	out := make([]Code, 0, len(codeNames))
-	for c := range codeNames {
-		if c != CodeOK {
+func RefusalCodes() []Code { return refusals(codeNames, CodeOK) }
+
+// String returns the snake_case name of c, used in logs and metrics.
+func (c Code) String() string { return codeName(codeNames, c) }
+
+// refusals returns the codes of names other than ok, in order.
+func refusals[C ~uint8 | ~uint16](names map[C]string, ok C) []C {
+	out := make([]C, 0, len(names))
+	for c := range names {
+		if c != ok {
 			out = append(out, c)
 		}
 	}
@@ -92,12 +98,13 @@ func RefusalCodes() []Code {
 	return out
 }
 
-// String returns the snake_case name of c, used in logs and metrics.
-func (c Code) String() string {
-	if s, ok := codeNames[c]; ok {
+// codeName is c's name in names, or code_N for a code this version does
+// not know (a newer peer may send one).
+func codeName[C ~uint8 | ~uint16](names map[C]string, c C) string {
+	if s, ok := names[c]; ok {
 		return s
 	}
-	return fmt.Sprintf("code_%d", uint16(c))
+	return fmt.Sprintf("code_%d", c)
 }
 
 // Hello is what an agent presents when it opens a tunnel.

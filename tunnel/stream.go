@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"slices"
 
 	"github.com/tether-net/tether/internal/textclip"
 )
@@ -46,24 +45,10 @@ var streamCodeNames = map[StreamCode]string{
 
 // StreamRefusalCodes returns every stream refusal code this package knows
 // (StreamOK excluded), so metrics can show each one at zero.
-func StreamRefusalCodes() []StreamCode {
-	out := make([]StreamCode, 0, len(streamCodeNames))
-	for c := range streamCodeNames {
-		if c != StreamOK {
-			out = append(out, c)
-		}
-	}
-	slices.Sort(out)
-	return out
-}
+func StreamRefusalCodes() []StreamCode { return refusals(streamCodeNames, StreamOK) }
 
 // String returns the snake_case name of c.
-func (c StreamCode) String() string {
-	if s, ok := streamCodeNames[c]; ok {
-		return s
-	}
-	return fmt.Sprintf("code_%d", byte(c))
-}
+func (c StreamCode) String() string { return codeName(streamCodeNames, c) }
 
 // StreamStatus is the agent's answer: StreamOK, or a code and a message.
 type StreamStatus struct {
