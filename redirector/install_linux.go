@@ -228,8 +228,15 @@ func Uninstall(pinDir string) error {
 			}
 			continue
 		}
-		// Unpin drops the pin's reference; the link (and the attachment)
-		// goes when our handle closes too.
+		// Detach ends the attachment now. Without it the attachment ends
+		// only when the kernel frees the unpinned link, after an RCU grace
+		// period and from a workqueue, so a connect() right after Uninstall
+		// returned could still be redirected (seen in the e2e suite).
+		if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", pin, err))
+		}
+		// Unpin drops the pin's reference; the link goes when our handle
+		// closes too.
 		if err := l.Unpin(); err != nil {
 			errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
 		}

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"time"
 )
 
 // IdentityEnv, set to "ADDR=NAME", turns a program that calls
@@ -32,9 +33,16 @@ func MaybeServeIdentity() {
 		fmt.Fprintln(os.Stderr, "identity server:", err)
 		os.Exit(1)
 	}
-	err = http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		fmt.Fprintf(w, "%s\n", name)
-	}))
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			fmt.Fprintf(w, "%s\n", name)
+		}),
+		// A client that stalls cannot hold a connection forever.
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      5 * time.Second,
+		IdleTimeout:       5 * time.Second,
+	}
+	err = srv.Serve(ln)
 	fmt.Fprintln(os.Stderr, "identity server:", err)
 	os.Exit(1)
 }

@@ -243,9 +243,33 @@ func (n *Network) Command(host, name string, args ...string) *exec.Cmd {
 	return exec.Command(nsenter, append([]string{"--net=/var/run/netns/" + n.Hosts[host].NS, "--", name}, args...)...)
 }
 
-// Run runs a command in host's namespace and returns its combined output.
+// RunTimeout bounds every Run: a command still running after it is killed
+// (by its PID), so a regression shows up as an error, never as a hang.
+const RunTimeout = time.Minute
+
+// Run runs a command in host's namespace, for at most RunTimeout, and
+// returns its combined output.
 func (n *Network) Run(host, name string, args ...string) ([]byte, error) {
-	return n.Command(host, name, args...).CombinedOutput()
+	ctx, cancel := context.WithTimeout(context.Background(), RunTimeout)
+	defer cancel()
+	return n.RunContext(ctx, host, name, args...)
+}
+
+// RunContext is Run bounded by ctx instead: when ctx ends the command is
+// killed and the error says so.
+func (n *Network) RunContext(ctx context.Context, host, name string, args ...string) ([]byte, error) {
+	nsenter, _ := lookPath("nsenter")
+	// nsenter --net execs name: killing its PID kills the command.
+	cmd := exec.CommandContext(ctx, nsenter, append([]string{"--net=/var/run/netns/" + n.Hosts[host].NS, "--", name}, args...)...)
+	// Children that keep the output pipe open cannot hold Run past the
+	// kill, and the command dies with us even if we crash.
+	cmd.WaitDelay = time.Second
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.CombinedOutput()
+	if err != nil && ctx.Err() != nil {
+		return out, fmt.Errorf("%s on %s: %w (%v)", name, host, ctx.Err(), err)
+	}
+	return out, err
 }
 
 // Proc is a long-running process in a host's namespace.
@@ -473,7 +497,11 @@ func (l *lockedBuffer) String() string {
 func (n *Network) WaitTCP(ctx context.Context, host, addr string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		out, err := n.Run(host, "bash", "-c", "exec 3<>/dev/tcp/"+strings.Replace(addr, ":", "/", 1))
+		// A dropped SYN would hold the connect for minutes: each attempt
+		// is bounded, and so is the whole wait.
+		attempt, cancel := context.WithTimeout(ctx, min(2*time.Second, max(time.Until(deadline), 100*time.Millisecond)))
+		out, err := n.RunContext(attempt, host, "bash", "-c", "exec 3<>/dev/tcp/"+strings.Replace(addr, ":", "/", 1))
+		cancel()
 		if err == nil {
 			return nil
 		}

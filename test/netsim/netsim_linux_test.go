@@ -2,7 +2,9 @@ package netsim
 
 import (
 	"context"
+	"errors"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -44,10 +46,24 @@ func TestTopologyIsolatesVPCsAndLoadBalancesTheVIP(t *testing.T) {
 	serve("ps2", "7000")
 	serve("b1", "8080")
 	serve("a2", "8080")
+	// Central's server sits on the Redis port, the one VPC hosts would
+	// most want to reach.
+	serve("central", "6379")
 
 	curl := func(from, url string) (string, error) {
 		out, err := n.Run(from, "curl", "-sS", "--max-time", "2", url)
 		return strings.TrimSpace(string(out)), err
+	}
+	// dropped requires that from's request to url times out: the router
+	// drops it. A refused connection, or an answer, would mean the filter
+	// let it through.
+	dropped := func(what, from, url string) {
+		t.Helper()
+		out, err := curl(from, url)
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != curlTimedOut {
+			t.Fatalf("%s: want a timeout (curl exit %d, dropped by the router), got %v: %s", what, curlTimedOut, err, out)
+		}
 	}
 	seen := map[string]bool{}
 	for range 30 {
@@ -60,15 +76,15 @@ func TestTopologyIsolatesVPCsAndLoadBalancesTheVIP(t *testing.T) {
 	if !seen["ps1"] || !seen["ps2"] || len(seen) != 2 {
 		t.Fatalf("the VIP must spread over ps1 and ps2, saw %v", seen)
 	}
-	if out, err := curl("a1", "http://198.18.2.11:8080/"); err == nil {
-		t.Fatalf("vpc-a reached vpc-b: %s", out)
+	dropped("vpc-a reached vpc-b", "a1", "http://198.18.2.11:8080/")
+	dropped("vpc-a reached a PS directly, not through the VIP", "a1", "http://198.18.0.21:7000/")
+	// The positive control first: central's server is up and the router
+	// forwards to it from the PS subnet; only the source differs below.
+	if out, err := curl("ps1", "http://198.18.3.10:6379/"); err != nil || out != "central" {
+		t.Fatalf("the PS nodes reach central: %v %s", err, out)
 	}
-	if out, err := curl("a1", "http://198.18.0.21:7000/"); err == nil {
-		t.Fatalf("vpc-a reached a PS directly, not through the VIP: %s", out)
-	}
-	if out, err := curl("b1", "http://198.18.3.10:6379/"); err == nil && out != "" {
-		t.Fatalf("vpc-b reached central: %s", out)
-	}
+	dropped("vpc-b reached central", "b1", "http://198.18.3.10:6379/")
+	dropped("vpc-a reached central", "a1", "http://198.18.3.10:6379/")
 	if out, err := curl("a1", "http://198.18.1.12:8080/"); err != nil || out != "a2" {
 		t.Fatalf("hosts of one VPC reach each other: %v %s", err, out)
 	}
@@ -76,3 +92,6 @@ func TestTopologyIsolatesVPCsAndLoadBalancesTheVIP(t *testing.T) {
 		t.Fatalf("central reaches the PS nodes: %v %s", err, out)
 	}
 }
+
+// curlTimedOut is curl's exit status when --max-time passes.
+const curlTimedOut = 28

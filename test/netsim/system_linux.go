@@ -24,6 +24,9 @@ var Agents = map[string][]string{
 // AgentPort is the port of every agent host's service.
 const AgentPort = 8080
 
+// Lease is the PS nodes' route lease (--lease); they renew every 500 ms.
+const Lease = 3 * time.Second
+
 // RedisURL is where the central Redis listens.
 const RedisURL = "redis://198.18.3.10:6379/0"
 
@@ -111,7 +114,7 @@ func (s *System) StartPS(name string) (*Proc, error) {
 	ip := s.N.Hosts[name].IP.String()
 	return s.start(name, name, StartOpts{}, s.Tether, "ps", "--id", name, "--listen", ip+":7000", "--advertise", ip,
 		"--ports", "20000-20999", "--redis", RedisURL, "--token-file", s.TokenFile(),
-		"--allow-clients", "198.18.3.0/24", "--lease", "3s", "--renew", "500ms", "--drain-timeout", "5s")
+		"--allow-clients", "198.18.3.0/24", "--lease", Lease.String(), "--renew", "500ms", "--drain-timeout", "5s")
 }
 
 // StartAgent starts the agent of host, exposing its service.
