@@ -86,70 +86,7 @@ func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 	}
 	stillWorks("start")
 
-	hello := func(mod func(h *tunnel.Hello)) *tunnel.Hello {
-		h := &tunnel.Hello{AgentID: "bad", AgentIP: netip.MustParseAddr("127.78.0.1"), Token: "good-token", Epoch: 1,
-			Endpoints: []netip.AddrPort{netip.MustParseAddrPort("127.78.0.1:80")}}
-		if mod != nil {
-			mod(h)
-		}
-		return h
-	}
-	cases := []struct {
-		name    string
-		run     func(t *testing.T) (tunnel.Code, string)
-		code    tunnel.Code
-		logSays string
-	}{
-		{"garbage bytes", func(t *testing.T) (tunnel.Code, string) {
-			r := rawRefusal(t, ps.Addr, []byte("\x16\x03\x01 hello? this is not tether"))
-			return r.Code, r.Reason
-		}, tunnel.CodeBadRequest, "bad magic"},
-		{"unknown version", func(t *testing.T) (tunnel.Code, string) {
-			r := rawRefusal(t, ps.Addr, preamble(9))
-			return r.Code, r.Reason
-		}, tunnel.CodeVersion, "agent speaks version 9"},
-		{"oversized frame", func(t *testing.T) (tunnel.Code, string) {
-			r := rawRefusal(t, ps.Addr, append(preamble(tunnel.Version), 1, 0x40, 0, 0, 0))
-			return r.Code, r.Reason
-		}, tunnel.CodeTooLarge, "frame of 1073741824 bytes"},
-		{"slow handshake", func(t *testing.T) (tunnel.Code, string) {
-			r := rawRefusal(t, ps.Addr, preamble(tunnel.Version)) // then silence
-			return r.Code, r.Reason
-		}, tunnel.CodeTimeout, "handshake not completed within 700ms"},
-		{"wrong token", func(t *testing.T) (tunnel.Code, string) {
-			_, err := rawHello(t, ps.Addr, hello(func(h *tunnel.Hello) { h.Token = "guess" }))
-			var rf *tunnel.Refuse
-			if !errors.As(err, &rf) {
-				t.Fatalf("got %v, want a refusal", err)
-			}
-			return rf.Code, rf.Reason
-		}, tunnel.CodeUnauthorized, "token not accepted"},
-		{"token limited to other CIDRs", func(t *testing.T) (tunnel.Code, string) {
-			_, err := rawHello(t, ps.Addr, hello(func(h *tunnel.Hello) { h.Token = "limited-token" }))
-			var rf *tunnel.Refuse
-			if !errors.As(err, &rf) {
-				t.Fatalf("got %v, want a refusal", err)
-			}
-			return rf.Code, rf.Reason
-		}, tunnel.CodeForbidden, "outside the CIDRs"},
-		{"exposure of another agent's live route", func(t *testing.T) (tunnel.Code, string) {
-			s, err := rawHello(t, ps.Addr, hello(func(h *tunnel.Hello) {
-				h.AgentID = "intruder"
-				h.AgentIP = netip.MustParseAddr("127.77.0.1")
-				h.Endpoints = []netip.AddrPort{target, netip.MustParseAddrPort("127.77.0.1:9200")}
-			}))
-			if err != nil {
-				t.Fatalf("handshake: %v", err)
-			}
-			defer s.Close()
-			if s.Welcome.Endpoints[1].Port == 0 {
-				t.Fatalf("the intruder's free endpoint was refused too: %+v", s.Welcome.Endpoints[1])
-			}
-			r := s.Welcome.Endpoints[0]
-			return r.Code, r.Reason
-		}, tunnel.CodeConflict, `held by agent \"a1\"`},
-	}
-	for _, c := range cases {
+	for _, c := range badInputCases(ps.Addr, target) {
 		t.Run(c.name, func(t *testing.T) {
 			code, reason := c.run(t)
 			if code != c.code || reason == "" {
@@ -169,6 +106,69 @@ func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 	if err != nil || len(rt.Backends) != 1 || rt.Backends[0].AgentID != "a1" {
 		t.Fatalf("route after the attacks: %+v, %v", rt, err)
 	}
+}
+
+// badInput is one kind of bad handshake: run makes it against the PS and
+// returns the refusal's code and reason.
+type badInput struct {
+	name    string
+	run     func(t *testing.T) (tunnel.Code, string)
+	code    tunnel.Code
+	logSays string
+}
+
+func badInputCases(psAddr string, target netip.AddrPort) []badInput {
+	raw := func(b []byte) func(t *testing.T) (tunnel.Code, string) {
+		return func(t *testing.T) (tunnel.Code, string) {
+			r := rawRefusal(t, psAddr, b)
+			return r.Code, r.Reason
+		}
+	}
+	refused := func(mod func(h *tunnel.Hello)) func(t *testing.T) (tunnel.Code, string) {
+		return func(t *testing.T) (tunnel.Code, string) {
+			_, err := rawHello(t, psAddr, badHello(mod))
+			var rf *tunnel.Refuse
+			if !errors.As(err, &rf) {
+				t.Fatalf("got %v, want a refusal", err)
+			}
+			return rf.Code, rf.Reason
+		}
+	}
+	return []badInput{
+		{"garbage bytes", raw([]byte("\x16\x03\x01 hello? this is not tether")), tunnel.CodeBadRequest, "bad magic"},
+		{"unknown version", raw(preamble(9)), tunnel.CodeVersion, "agent speaks version 9"},
+		{"oversized frame", raw(append(preamble(tunnel.Version), 1, 0x40, 0, 0, 0)), tunnel.CodeTooLarge, "frame of 1073741824 bytes"},
+		{"slow handshake", raw(preamble(tunnel.Version)), tunnel.CodeTimeout, "handshake not completed within 700ms"}, // then silence
+		{"wrong token", refused(func(h *tunnel.Hello) { h.Token = "guess" }), tunnel.CodeUnauthorized, "token not accepted"},
+		{"token limited to other CIDRs", refused(func(h *tunnel.Hello) { h.Token = "limited-token" }), tunnel.CodeForbidden, "outside the CIDRs"},
+		{"exposure of another agent's live route", func(t *testing.T) (tunnel.Code, string) {
+			s, err := rawHello(t, psAddr, badHello(func(h *tunnel.Hello) {
+				h.AgentID = "intruder"
+				h.AgentIP = netip.MustParseAddr("127.77.0.1")
+				h.Endpoints = []netip.AddrPort{target, netip.MustParseAddrPort("127.77.0.1:9200")}
+			}))
+			if err != nil {
+				t.Fatalf("handshake: %v", err)
+			}
+			defer s.Close()
+			if s.Welcome.Endpoints[1].Port == 0 {
+				t.Fatalf("the intruder's free endpoint was refused too: %+v", s.Welcome.Endpoints[1])
+			}
+			r := s.Welcome.Endpoints[0]
+			return r.Code, r.Reason
+		}, tunnel.CodeConflict, `held by agent \"a1\"`},
+	}
+}
+
+// badHello is a Hello with a valid token from an agent that did not start
+// yet, changed by mod.
+func badHello(mod func(h *tunnel.Hello)) *tunnel.Hello {
+	h := &tunnel.Hello{AgentID: "bad", AgentIP: netip.MustParseAddr("127.78.0.1"), Token: "good-token", Epoch: 1,
+		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("127.78.0.1:80")}}
+	if mod != nil {
+		mod(h)
+	}
+	return h
 }
 
 // A newer epoch of the same agent takes over at once, keeps the ports of

@@ -177,27 +177,32 @@ func TestAWithdrawnRouteIsNoLongerRedirected(t *testing.T) {
 	}
 }
 
+// startRedirectorProc runs `tether redirector` on the stack; the test ends
+// it (by kill, if it still runs) and shows its log when it failed.
+func (s *stack) startRedirectorProc() *exec.Cmd {
+	t := s.t
+	t.Helper()
+	cmd := exec.Command(tetherBin, "redirector", "--redis", s.redis.URL(), "--cgroup", s.cg.Path,
+		"--pin-dir", s.pinDir, "--map-size", "10000")
+	log := &tunneltest.LogBuf{}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("redirector (pid %d) log:\n%s", cmd.Process.Pid, log.String())
+		}
+	})
+	return cmd
+}
+
 func TestRedirectorRestartDropsNoConnection(t *testing.T) {
 	bpftool := testutil.RequireBinary(t, "bpftool")
 	s := newStack(t)
-	start := func() *exec.Cmd {
-		cmd := exec.Command(tetherBin, "redirector", "--redis", s.redis.URL(), "--cgroup", s.cg.Path,
-			"--pin-dir", s.pinDir, "--map-size", "10000")
-		log := &tunneltest.LogBuf{}
-		cmd.Stdout, cmd.Stderr = log, log
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-			if t.Failed() {
-				t.Logf("redirector (pid %d) log:\n%s", cmd.Process.Pid, log.String())
-			}
-		})
-		return cmd
-	}
-	first := start()
+	first := s.startRedirectorProc()
 	s.waitRoutes(2, "first redirector synced")
 
 	// The client loops over the restart; it is under way once it says so.
@@ -208,7 +213,7 @@ func TestRedirectorRestartDropsNoConnection(t *testing.T) {
 	}
 	_ = first.Process.Kill()
 	_ = first.Wait()
-	second := start()
+	second := s.startRedirectorProc()
 
 	// The pinned links and map go on redirecting with no redirector at all,
 	// so the loop alone cannot tell a working second redirector from a dead
@@ -253,7 +258,14 @@ func TestRedirectorRestartDropsNoConnection(t *testing.T) {
 		t.Fatalf("the second redirector on SIGTERM: %v (want exit status 0)", err)
 	}
 
-	// Attached until uninstall, and not after.
+	s.uninstallDetaches(bpftool)
+}
+
+// uninstallDetaches checks that the programs are attached until uninstall,
+// and that nothing is attached, pinned or redirected after it.
+func (s *stack) uninstallDetaches(bpftool string) {
+	t := s.t
+	t.Helper()
 	show, err := exec.Command(bpftool, "cgroup", "show", s.cg.Path).CombinedOutput()
 	if err != nil || !strings.Contains(string(show), "connect4") {
 		t.Fatalf("bpftool cgroup show before uninstall must list connect4: %v\n%s", err, show)

@@ -81,30 +81,7 @@ func TestHandshakeAndStreams(t *testing.T) {
 	for _, tr := range transports(t) {
 		t.Run(tr.name, func(t *testing.T) {
 			ac, pc, cliTLS := tr.pair(t)
-			psErr := make(chan error, 1)
-			psSess := make(chan *PSSession, 1)
-			go func() {
-				_ = pc.SetDeadline(time.Now().Add(5 * time.Second))
-				h, err := ReadHello(pc)
-				if err != nil {
-					psErr <- err
-					return
-				}
-				if h.AgentID != "a1" || len(h.Endpoints) != 2 {
-					psErr <- errors.New("ps got a different hello")
-					return
-				}
-				w := &Welcome{PSID: "ps1", PSAddr: netip.MustParseAddr("127.0.0.1"),
-					Endpoints: []EndpointResult{{Port: 20001}, {Code: CodeConflict, Reason: "held by agent b"}}}
-				if err := WriteWelcome(pc, w); err != nil {
-					psErr <- err
-					return
-				}
-				_ = pc.SetDeadline(time.Time{})
-				s, err := NewPSSession(pc, nil, 0)
-				psErr <- err
-				psSess <- s
-			}()
+			psSess, psErr := welcomeAsPS(pc)
 			as, err := Handshake(context.Background(), ac, testHello(), ClientConfig{TLS: cliTLS, Timeout: 5 * time.Second})
 			if err != nil {
 				t.Fatalf("handshake: %v", err)
@@ -118,30 +95,8 @@ func TestHandshakeAndStreams(t *testing.T) {
 			if as.Welcome.PSID != "ps1" || as.Welcome.Endpoints[0].Port != 20001 || as.Welcome.Endpoints[1].Code != CodeConflict {
 				t.Fatalf("agent got welcome %+v", as.Welcome)
 			}
+			go echoUpperAsAgent(as)
 
-			// The agent echoes upper-cased until EOF, then half-closes.
-			go func() {
-				for {
-					in, err := as.Accept(context.Background())
-					if err != nil {
-						return
-					}
-					h, err := in.ReadHeader(time.Second)
-					if err != nil || h.Target.Port() != 9100 {
-						_ = in.Reject(StreamNotExposed, "not exposed here")
-						continue
-					}
-					st, err := in.Accept()
-					if err != nil {
-						continue
-					}
-					go func() {
-						b, _ := io.ReadAll(st)
-						_, _ = st.Write(bytes.ToUpper(b))
-						_ = st.CloseWrite()
-					}()
-				}
-			}()
 			st, err := ps.Open(StreamHeader{Target: netip.MustParseAddrPort("127.77.0.1:9100")}, time.Second)
 			if err != nil {
 				t.Fatal(err)
@@ -171,6 +126,62 @@ func TestHandshakeAndStreams(t *testing.T) {
 				t.Fatalf("stream for an unexposed target: got %v, want a not_exposed StreamError", err)
 			}
 		})
+	}
+}
+
+// welcomeAsPS plays the PS of TestHandshakeAndStreams on pc: it reads the
+// Hello, accepts one endpoint and refuses the other, and starts the
+// session. The error comes first, then (when nil) the session.
+func welcomeAsPS(pc net.Conn) (<-chan *PSSession, <-chan error) {
+	psErr := make(chan error, 1)
+	psSess := make(chan *PSSession, 1)
+	go func() {
+		_ = pc.SetDeadline(time.Now().Add(5 * time.Second))
+		h, err := ReadHello(pc)
+		if err != nil {
+			psErr <- err
+			return
+		}
+		if h.AgentID != "a1" || len(h.Endpoints) != 2 {
+			psErr <- errors.New("ps got a different hello")
+			return
+		}
+		w := &Welcome{PSID: "ps1", PSAddr: netip.MustParseAddr("127.0.0.1"),
+			Endpoints: []EndpointResult{{Port: 20001}, {Code: CodeConflict, Reason: "held by agent b"}}}
+		if err := WriteWelcome(pc, w); err != nil {
+			psErr <- err
+			return
+		}
+		_ = pc.SetDeadline(time.Time{})
+		s, err := NewPSSession(pc, nil, 0)
+		psErr <- err
+		psSess <- s
+	}()
+	return psSess, psErr
+}
+
+// echoUpperAsAgent answers streams for port 9100 with what it read,
+// upper-cased, once the PS half-closes; it refuses every other target.
+func echoUpperAsAgent(as *AgentSession) {
+	for {
+		in, err := as.Accept(context.Background())
+		if err != nil {
+			return
+		}
+		h, err := in.ReadHeader(time.Second)
+		if err != nil || h.Target.Port() != 9100 {
+			_ = in.Reject(StreamNotExposed, "not exposed here")
+			continue
+		}
+		st, err := in.Accept()
+		if err != nil {
+			continue
+		}
+		go func() {
+			b, _ := io.ReadAll(st)
+			_, _ = st.Write(bytes.ToUpper(b))
+			_ = st.CloseWrite()
+		}()
 	}
 }
 

@@ -108,35 +108,62 @@ func StartPS(t *testing.T, redisURL, id string, mod func(*ps.Config)) *PSNode {
 	return &PSNode{PS: ps, Addr: addr.String(), Log: lb, Stop: stop}
 }
 
-// FreeRange finds n consecutive ports that are free on 127.0.0.1 now,
-// in a region tests do not otherwise use.
-var rangeMu sync.Mutex
-var nextRange = 40000 + (os.Getpid()%200)*100
-
-func FreeRange(t *testing.T, n int) string {
+// FreeRange finds n consecutive ports that are free on 127.0.0.1 now. It
+// looks below the kernel's ephemeral range (ip_local_port_range), where
+// the thousands of connections a test suite makes (and their TIME_WAIT
+// ports) never land, so a range found free stays free; each test process
+// starts at its own offset so parallel packages rarely try the same ports.
+func FreeRange(t testing.TB, n int) string {
+	t.Helper()
 	rangeMu.Lock()
 	defer rangeMu.Unlock()
-	for tries := 0; tries < 100; tries++ {
-		lo := nextRange
+	lo, hi := rangeRegion()
+	if nextRange < lo || nextRange+n > hi {
+		nextRange = lo + (os.Getpid()*97)%max(1, hi-lo-n)
+	}
+	for tries := 0; tries < 200; tries++ {
+		first := nextRange
 		nextRange += n
-		if nextRange > 60000 {
-			nextRange = 40000
+		if nextRange+n > hi {
+			nextRange = lo
 		}
-		ok := true
-		for p := lo; p < lo+n && ok; p++ {
-			ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-			if err != nil {
-				ok = false
-				continue
-			}
-			ln.Close()
-		}
-		if ok {
-			return fmt.Sprintf("%d-%d", lo, lo+n-1)
+		if rangeFree(first, n) {
+			return fmt.Sprintf("%d-%d", first, first+n-1)
 		}
 	}
-	t.Fatal("no free port range")
+	t.Fatalf("no %d free consecutive ports in %d-%d", n, lo, hi-1)
 	return ""
+}
+
+var (
+	rangeMu   sync.Mutex
+	nextRange int
+)
+
+// rangeRegion is where FreeRange looks: from 10000 up to the start of the
+// ephemeral port range (or 32768 when it cannot be read).
+func rangeRegion() (lo, hi int) {
+	lo, hi = 10000, 32768
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return lo, hi
+	}
+	var eph, ephHi int
+	if _, err := fmt.Sscan(string(b), &eph, &ephHi); err == nil && eph > lo+1000 {
+		hi = eph
+	}
+	return lo, hi
+}
+
+func rangeFree(first, n int) bool {
+	for p := first; p < first+n; p++ {
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			return false
+		}
+		ln.Close()
+	}
+	return true
 }
 
 // StartAgent runs an agent in this process until the test ends or stop.
