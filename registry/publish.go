@@ -24,6 +24,7 @@ for i = 4, #ARGV, 3 do
   local target, port, agent = ARGV[i], ARGV[i+1], ARGV[i+2]
   local rkey = p .. ':route:' .. target
   local holder = ''
+  local replaced = nil
   local cur = redis.call('HGETALL', rkey)
   for j = 1, #cur, 2 do
     local other, raw = cur[j], cur[j+1]
@@ -33,10 +34,14 @@ for i = 4, #ARGV, 3 do
       if exp > now then holder = tostring(e.agent_id) end
     end
     if other == ps and ok and type(e) == 'table' and tostring(e.port) ~= port then
-      redis.call('HDEL', p .. ':psroutes:' .. ps, tostring(e.port))
+      replaced = tostring(e.port)
     end
   end
   if holder == '' then
+    -- Only a publication that takes the target over unindexes the port it
+    -- replaces: a refused one leaves the holder's entry and its index
+    -- alone, so WithdrawAll and resync still find (and quarantine) it.
+    if replaced then redis.call('HDEL', p .. ':psroutes:' .. ps, replaced) end
     redis.call('HSET', rkey, ps, cjson.encode({port = tonumber(port), agent_id = agent}))
     redis.call('SADD', p .. ':targets', target)
     redis.call('HSET', p .. ':psroutes:' .. ps, port, target)
