@@ -12,7 +12,6 @@ import (
 	"github.com/tether-net/tether/internal/testutil"
 )
 
-
 // An intruder refused on the same PS as the holder must not touch the
 // holder's records: the holder's port stays indexed, so a restart of that
 // PS withdraws and quarantines it (a port left unindexed would be handed
