@@ -12,41 +12,6 @@ import (
 	"github.com/tether-net/tether/internal/testutil"
 )
 
-// An intruder refused on the same PS as the holder must not touch the
-// holder's records: the holder's port stays indexed, so a restart of that
-// PS withdraws and quarantines it (a port left unindexed would be handed
-// to another agent while readers still map the target to it: a misroute
-// the e2e suite saw after a claim, a kill -9 and a restart).
-func TestARefusedClaimLeavesTheHoldersPortIndexed(t *testing.T) {
-	ctx := context.Background()
-	rd := testutil.StartRedis(t)
-	reg := newTestRegistry(t, rd.URL(), nil)
-	_ = reg.RenewPS(ctx, lease("ps1", "127.0.0.1", time.Now().Add(time.Minute)))
-	target := ap("198.18.1.12:8080")
-	mustPublish(t, reg, "ps1", Publication{Target: target, Port: 20001, AgentID: "a2"})
-
-	errs, err := reg.Publish(ctx, "ps1", []Publication{{Target: target, Port: 20002, AgentID: "intruder"}})
-	if err != nil || !errors.Is(errs[0], ErrConflict) {
-		t.Fatalf("the claim: %v %v, want ErrConflict", errs, err)
-	}
-	used, err := reg.PortsInUse(ctx, "ps1")
-	if err != nil || used[20001] != target || len(used) != 1 {
-		t.Fatalf("ports in use after a refused claim: %v %v, want only 20001 -> %s", used, err, target)
-	}
-	until := time.Now().Add(time.Minute)
-	ports, err := reg.WithdrawAll(ctx, "ps1", until)
-	if err != nil || len(ports) != 1 || ports[0] != 20001 {
-		t.Fatalf("WithdrawAll after a refused claim: %v %v, want [20001]", ports, err)
-	}
-	if _, err := reg.Get(ctx, target); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("the holder's route survived WithdrawAll: %v", err)
-	}
-	q, err := reg.Quarantined(ctx, "ps1")
-	if _, ok := q[20001]; err != nil || !ok {
-		t.Fatalf("quarantine after WithdrawAll: %v %v, want 20001", q, err)
-	}
-}
-
 // clock is a settable clock shared by a registry and a mirror in a test.
 type clock struct {
 	mu sync.Mutex
@@ -178,6 +143,41 @@ func TestAnotherAgentCannotTakeALiveRoute(t *testing.T) {
 	clk.Add(6 * time.Second)
 	_ = reg.RenewPS(ctx, lease("ps2", "127.0.0.2", clk.Now().Add(5*time.Second)))
 	mustPublish(t, reg, "ps2", Publication{Target: target, Port: 30001, AgentID: "a2"})
+}
+
+// An intruder refused on the same PS as the holder must not touch the
+// holder's records: the holder's port stays indexed, so a restart of that
+// PS withdraws and quarantines it (a port left unindexed would be handed
+// to another agent while readers still map the target to it: a misroute
+// the e2e suite saw after a claim, a kill -9 and a restart).
+func TestARefusedClaimLeavesTheHoldersPortIndexed(t *testing.T) {
+	ctx := context.Background()
+	rd := testutil.StartRedis(t)
+	reg := newTestRegistry(t, rd.URL(), nil)
+	_ = reg.RenewPS(ctx, lease("ps1", "127.0.0.1", time.Now().Add(time.Minute)))
+	target := ap("198.18.1.12:8080")
+	mustPublish(t, reg, "ps1", Publication{Target: target, Port: 20001, AgentID: "a2"})
+
+	errs, err := reg.Publish(ctx, "ps1", []Publication{{Target: target, Port: 20002, AgentID: "intruder"}})
+	if err != nil || !errors.Is(errs[0], ErrConflict) {
+		t.Fatalf("the claim: %v %v, want ErrConflict", errs, err)
+	}
+	used, err := reg.PortsInUse(ctx, "ps1")
+	if err != nil || used[20001] != target || len(used) != 1 {
+		t.Fatalf("ports in use after a refused claim: %v %v, want only 20001 -> %s", used, err, target)
+	}
+	until := time.Now().Add(time.Minute)
+	ports, err := reg.WithdrawAll(ctx, "ps1", until)
+	if err != nil || len(ports) != 1 || ports[0] != 20001 {
+		t.Fatalf("WithdrawAll after a refused claim: %v %v, want [20001]", ports, err)
+	}
+	if _, err := reg.Get(ctx, target); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the holder's route survived WithdrawAll: %v", err)
+	}
+	q, err := reg.Quarantined(ctx, "ps1")
+	if _, ok := q[20001]; err != nil || !ok {
+		t.Fatalf("quarantine after WithdrawAll: %v %v, want 20001", q, err)
+	}
 }
 
 func TestWithdrawOnlyRemovesTheMatchingPort(t *testing.T) {
