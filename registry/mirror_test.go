@@ -157,7 +157,7 @@ func TestMirrorLoadsFollowsAndExpiresLocally(t *testing.T) {
 	// Redis comes back; ps1 renews and withdraws one route: both show up.
 	rd.Start()
 	_ = reg.RenewPS(ctx, lease("ps1", "127.0.0.1", clk.Now().Add(time.Hour)))
-	if err := reg.Withdraw(ctx, "ps1", []Publication{{Target: before, Port: 20001}}); err != nil {
+	if err := reg.withdraw(ctx, "ps1", []Publication{{Target: before, Port: 20001}}, ""); err != nil {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 10*time.Second, "catch up after Redis returns", func() error {

@@ -129,21 +129,12 @@ func (r *Registry) Publish(ctx context.Context, psID string, pubs []Publication)
 	return out, nil
 }
 
-// Withdraw removes backends of PS psID; each publication's AgentID is
-// ignored, its Target and Port must match what is recorded. A PS giving up
-// ports should call Release instead, which quarantines them first.
-func (r *Registry) Withdraw(ctx context.Context, psID string, pubs []Publication) error {
-	if err := validPSID(psID); err != nil {
-		return err
-	}
-	return r.withdraw(ctx, psID, pubs, "")
-}
-
 // Release is what a PS does with ports it gives up: it quarantines the
 // ports of pubs until until (a port already quarantined for longer keeps
 // its later time), so the PS does not hand them to another target while
 // some reader may still map them to the old one, and then withdraws the
-// backends as Withdraw does.
+// backends: each pair is removed only if the PS's backend for its target
+// still has that port (a publication's AgentID is ignored).
 //
 // Both happen in one script call per batch of 500, the quarantine first,
 // so no failure, halfway or otherwise, leaves a withdrawn port
@@ -157,7 +148,8 @@ func (r *Registry) Release(ctx context.Context, psID string, pubs []Publication,
 }
 
 // withdraw runs withdrawScript over pubs in batches; quarantineUntil is
-// unix ms, or "" to withdraw without quarantine.
+// unix ms, or "" to withdraw without quarantine (only tests do: every
+// caller that gives ports up goes through Release or WithdrawAll).
 func (r *Registry) withdraw(ctx context.Context, psID string, pubs []Publication, quarantineUntil string) error {
 	for start := 0; start < len(pubs); start += batchSize {
 		end := min(start+batchSize, len(pubs))
@@ -213,22 +205,6 @@ func (r *Registry) WithdrawAll(ctx context.Context, psID string, quarantineUntil
 		return nil, err
 	}
 	return ports, nil
-}
-
-// Quarantine records that ports of psID must not be reused before until.
-// A port already quarantined for longer keeps its later time.
-func (r *Registry) Quarantine(ctx context.Context, psID string, ports []uint16, until time.Time) error {
-	if len(ports) == 0 {
-		return nil
-	}
-	zs := make([]redis.Z, len(ports))
-	for i, p := range ports {
-		zs[i] = redis.Z{Score: float64(until.UnixMilli()), Member: strconv.Itoa(int(p))}
-	}
-	if err := r.rdb.ZAddArgs(ctx, r.keys.quarantine(psID), redis.ZAddArgs{GT: true, Members: zs}).Err(); err != nil {
-		return fmt.Errorf("quarantine ports of ps %s: %w", psID, err)
-	}
-	return nil
 }
 
 // Quarantined returns psID's ports whose quarantine has not ended at now,

@@ -78,10 +78,12 @@ func TestReleaseNeverShortensAQuarantine(t *testing.T) {
 	reg := newTestRegistry(t, rd.URL(), clk.Now)
 	_ = reg.RenewPS(ctx, lease("ps1", "127.0.0.1", clk.Now().Add(time.Minute)))
 	later := clk.Now().Add(time.Hour).Truncate(time.Millisecond)
-	if err := reg.Quarantine(ctx, "ps1", []uint16{20001}, later); err != nil {
+	target := ap("127.77.0.1:9100")
+	// An earlier release of port 20001 (nothing to withdraw yet) quarantined
+	// it for an hour.
+	if err := reg.Release(ctx, "ps1", []Publication{{Target: target, Port: 20001}}, later); err != nil {
 		t.Fatal(err)
 	}
-	target := ap("127.77.0.1:9100")
 	mustPublish(t, reg, "ps1", Publication{Target: target, Port: 20001, AgentID: "a1"})
 	if err := reg.Release(ctx, "ps1", []Publication{{Target: target, Port: 20001}}, clk.Now().Add(time.Minute)); err != nil {
 		t.Fatal(err)

@@ -190,7 +190,7 @@ func TestWithdrawOnlyRemovesTheMatchingPort(t *testing.T) {
 	// The agent reconnected and got a new port; a late withdraw of the old
 	// one must not remove the new publication.
 	mustPublish(t, reg, "ps1", Publication{Target: target, Port: 20002, AgentID: "a1"})
-	if err := reg.Withdraw(ctx, "ps1", []Publication{{Target: target, Port: 20001}}); err != nil {
+	if err := reg.withdraw(ctx, "ps1", []Publication{{Target: target, Port: 20001}}, ""); err != nil {
 		t.Fatal(err)
 	}
 	rt, err := reg.Get(ctx, target)
@@ -201,7 +201,7 @@ func TestWithdrawOnlyRemovesTheMatchingPort(t *testing.T) {
 	if len(used) != 1 || used[20002] != target {
 		t.Fatalf("ports in use: %v", used)
 	}
-	if err := reg.Withdraw(ctx, "ps1", []Publication{{Target: target, Port: 20002}}); err != nil {
+	if err := reg.withdraw(ctx, "ps1", []Publication{{Target: target, Port: 20002}}, ""); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := reg.Get(ctx, target); !errors.Is(err, ErrNotFound) {

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tether-net/tether/internal/execpath"
 )
 
 // ErrNotInstalled means no redis-server binary was found.
@@ -92,19 +94,13 @@ func Start(ctx context.Context, opt Options) (*Server, error) {
 	return s, nil
 }
 
-// LookPath finds redis-server in PATH, then in the usual install
-// directories (sbin is often missing from a non-root PATH).
+// LookPath finds redis-server (see package execpath for where it looks).
 func LookPath() (string, error) {
-	if p, err := exec.LookPath("redis-server"); err == nil {
-		return p, nil
+	p, err := execpath.Look("redis-server")
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrNotInstalled, err)
 	}
-	for _, d := range []string{"/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/sbin"} {
-		p := filepath.Join(d, "redis-server")
-		if st, err := os.Stat(p); err == nil && !st.IsDir() {
-			return p, nil
-		}
-	}
-	return "", ErrNotInstalled
+	return p, nil
 }
 
 // Addr is host:port of the server.

@@ -3,6 +3,8 @@ package testutil
 import (
 	"os"
 	"testing"
+
+	"github.com/tether-net/tether/internal/execpath"
 )
 
 // PrivilegedEnv, when set to 1, turns every privilege skip into a failure.
@@ -38,7 +40,7 @@ func RequirePrivileged(t testing.TB) {
 // program the test needs is not installed. scripts/setup.sh installs them all.
 func RequireBinary(t testing.TB, name string) string {
 	t.Helper()
-	p, err := lookPath(name)
+	p, err := execpath.Look(name)
 	if err == nil {
 		return p
 	}

@@ -2,10 +2,6 @@ package testutil
 
 import (
 	"context"
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
 
 	"github.com/tether-net/tether/internal/redisproc"
@@ -69,18 +65,3 @@ func (r *Redis) Kill() { _ = r.srv.Kill() }
 
 // Dir is the server's data directory.
 func (r *Redis) Dir() string { return r.srv.Dir() }
-
-// lookPath finds a program in PATH or the sbin directories a non-root PATH
-// often lacks. RequireBinary uses it for every program, not only Redis.
-func lookPath(name string) (string, error) {
-	if p, err := exec.LookPath(name); err == nil {
-		return p, nil
-	}
-	for _, d := range []string{"/usr/sbin", "/sbin", "/usr/local/sbin"} {
-		p := filepath.Join(d, name)
-		if st, err := os.Stat(p); err == nil && !st.IsDir() {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("%s not found in PATH or sbin directories", name)
-}

@@ -29,6 +29,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/tether-net/tether/internal/execpath"
 )
 
 // Addresses of the simulated network.
@@ -88,7 +90,7 @@ func Build(prefix string) (n *Network, err error) {
 		return nil, errors.New("netsim needs root (network namespaces, nftables)")
 	}
 	for _, bin := range []string{"nsenter", "nft"} {
-		if _, err := lookPath(bin); err != nil {
+		if _, err := execpath.Look(bin); err != nil {
 			return nil, fmt.Errorf("netsim needs %s: %w (run scripts/setup.sh)", bin, err)
 		}
 	}
@@ -239,7 +241,7 @@ func (n *Network) addHost(coreH *netlink.Handle, br *netlink.Bridge, h *Host) er
 // `ip netns exec`, which also remounts /sys: the process keeps seeing the
 // cgroup2 mount and the bpffs pins of the machine, which the redirector needs.
 func (n *Network) Command(host, name string, args ...string) *exec.Cmd {
-	nsenter, _ := lookPath("nsenter")
+	nsenter, _ := execpath.Look("nsenter")
 	return exec.Command(nsenter, append([]string{"--net=/var/run/netns/" + n.Hosts[host].NS, "--", name}, args...)...)
 }
 
@@ -258,7 +260,7 @@ func (n *Network) Run(host, name string, args ...string) ([]byte, error) {
 // RunContext is Run bounded by ctx instead: when ctx ends the command is
 // killed and the error says so.
 func (n *Network) RunContext(ctx context.Context, host, name string, args ...string) ([]byte, error) {
-	nsenter, _ := lookPath("nsenter")
+	nsenter, _ := execpath.Look("nsenter")
 	// nsenter --net execs name: killing its PID kills the command.
 	cmd := exec.CommandContext(ctx, nsenter, append([]string{"--net=/var/run/netns/" + n.Hosts[host].NS, "--", name}, args...)...)
 	// Children that keep the output pipe open cannot hold Run past the
@@ -462,18 +464,6 @@ func linkUp(h *netlink.Handle, name string) error {
 func prefixNet(p netip.Prefix) *net.IPNet {
 	a := p.Addr().AsSlice()
 	return &net.IPNet{IP: a, Mask: net.CIDRMask(p.Bits(), len(a)*8)}
-}
-
-func lookPath(name string) (string, error) {
-	if p, err := exec.LookPath(name); err == nil {
-		return p, nil
-	}
-	for _, d := range []string{"/usr/sbin", "/sbin"} {
-		if _, err := os.Stat(filepath.Join(d, name)); err == nil {
-			return filepath.Join(d, name), nil
-		}
-	}
-	return "", fmt.Errorf("%s not found", name)
 }
 
 type lockedBuffer struct {
