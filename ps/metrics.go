@@ -20,6 +20,15 @@ type psMetrics struct {
 	portsQuarantined prometheus.Gauge
 	renewErrors      prometheus.Counter
 	clientsRejected  prometheus.Counter
+	// connsRefused counts client connections reset by a data-port limit
+	// (reason port_limit or total_limit); idleClosed those closed by
+	// --idle-timeout.
+	connsRefused *prometheus.CounterVec
+	idleClosed   prometheus.Counter
+	// violations counts tunnels closed because the agent broke the
+	// protocol after the handshake (reason agent_opened_stream, ...).
+	violations *prometheus.CounterVec
+	insecure   prometheus.Gauge
 }
 
 func codeStrings(codes []tunnel.Code) []string {
@@ -59,6 +68,16 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 			Name: "tether_ps_lease_renew_errors_total", Help: "Failed renewals of this PS's lease."}),
 		clientsRejected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_ps_clients_rejected_total", Help: "Client connections closed because their source is outside --allow-clients."}),
+		connsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_ps_conns_refused_total", Help: "Client connections reset because a data-port limit was reached, by limit (port_limit, total_limit)."},
+			[]string{"reason"}),
+		idleClosed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_ps_conns_idle_closed_total", Help: "Client connections closed after --idle-timeout without traffic either way."}),
+		violations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_ps_tunnel_violations_total", Help: "Tunnels closed because the agent broke the protocol after the handshake, by what it did."},
+			[]string{"reason"}),
+		insecure: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_ps_insecure", Help: "1 when the PS runs with --insecure (agents need no credential), else 0."}),
 	}
 	// Every known result and reason is exported from the start, at zero, so
 	// that dashboards and rate() see a series before the first event.
@@ -71,8 +90,13 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 	for _, c := range tunnel.StreamRefusalCodes() {
 		m.streamErrors.WithLabelValues(c.String())
 	}
+	for _, r := range []string{"port_limit", "total_limit"} {
+		m.connsRefused.WithLabelValues(r)
+	}
+	m.violations.WithLabelValues("agent_opened_stream")
 	for _, c := range []prometheus.Collector{m.tunnels, m.handshakes, m.endpoints, m.streamsOpen, m.streams,
-		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected} {
+		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected,
+		m.connsRefused, m.idleClosed, m.violations, m.insecure} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -29,9 +29,10 @@ type Config struct {
 	Advertise    string   `yaml:"advertise" flag:"advertise" usage:"IP clients reach this PS at; data ports listen on it"`
 	Ports        string   `yaml:"ports" flag:"ports" usage:"range of data ports, LO-HI"`
 	Redis        string   `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
-	TokenFile    string   `yaml:"token-file" flag:"token-file" usage:"file of agent tokens, one per line, each optionally followed by the CIDRs it may expose (else env TETHER_TOKEN)"`
+	TokenFile    string   `yaml:"token-file" flag:"token-file" usage:"file of agent credentials, one 'TOKEN AGENT_IDS [CIDRS]' per line (see the README)"`
+	Insecure     bool     `yaml:"insecure" flag:"insecure" usage:"accept agents without any credential (no token file, no client CA); for experiments only"`
 	AllowClients []string `yaml:"allow-clients" flag:"allow-clients" usage:"CIDRs allowed to connect to data ports (empty = any)"`
-	AgentCIDRs   []string `yaml:"agent-cidrs" flag:"agent-cidrs" usage:"CIDRs agents may expose endpoints in (empty = any)"`
+	AgentCIDRs   []string `yaml:"agent-cidrs" flag:"agent-cidrs" usage:"CIDRs agents may expose endpoints in (empty = any public address); loopback, link-local and other special ranges only when named here"`
 	Metrics      string   `yaml:"metrics" flag:"metrics" usage:"address to serve /metrics and /healthz on (empty = off)"`
 	TLSCert      string   `yaml:"tls-cert" flag:"tls-cert" usage:"PEM certificate of the tunnel listener (enables TLS)"`
 	TLSKey       string   `yaml:"tls-key" flag:"tls-key" usage:"PEM private key of --tls-cert"`
@@ -45,6 +46,13 @@ type Config struct {
 	MaxHandshakes    int           `yaml:"max-handshakes" flag:"max-handshakes" usage:"handshakes in progress at once; more are refused as busy"`
 	HandshakeRate    float64       `yaml:"handshake-rate" flag:"handshake-rate" usage:"new handshakes per second (burst = max-handshakes); 0 = unbounded"`
 	StreamWindow     int           `yaml:"stream-window" flag:"stream-window" usage:"yamux receive window per stream, bytes"`
+	PreambleTimeout  time.Duration `yaml:"preamble-timeout" flag:"preamble-timeout" usage:"deadline for TLS, the preamble and the Hello of a new tunnel"`
+	SourceHandshakes int           `yaml:"source-handshakes" flag:"source-handshakes" usage:"handshakes in progress at once from one source address"`
+	CredTunnels      int           `yaml:"credential-tunnels" flag:"credential-tunnels" usage:"tunnels one credential may hold on this PS"`
+	CredEndpoints    int           `yaml:"credential-endpoints" flag:"credential-endpoints" usage:"endpoints one credential may expose on this PS (0 = half the port range)"`
+	MaxConnsPerPort  int           `yaml:"max-conns-per-port" flag:"max-conns-per-port" usage:"client connections carried at once on one data port"`
+	MaxConns         int           `yaml:"max-conns" flag:"max-conns" usage:"client connections carried at once on all data ports"`
+	IdleTimeout      time.Duration `yaml:"idle-timeout" flag:"idle-timeout" usage:"close a client connection idle both ways this long (0 = never)"`
 	Resync           time.Duration `yaml:"resync" flag:"resync" usage:"how often the PS checks its routes in the registry and repairs them"`
 
 	// Logger, Registerer and Now are set by code, not by flags.
@@ -69,6 +77,11 @@ func DefaultConfig() Config {
 		MaxHandshakes:    64,
 		HandshakeRate:    500,
 		StreamWindow:     tunnel.DefaultStreamWindow,
+		PreambleTimeout:  3 * time.Second,
+		SourceHandshakes: 8,
+		CredTunnels:      256,
+		MaxConnsPerPort:  4096,
+		MaxConns:         65536,
 		Resync:           10 * time.Second,
 	}
 }
@@ -108,6 +121,15 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxHandshakes <= 0 || c.HandshakeRate < 0 {
 		errs = append(errs, errors.New("--max-handshakes must be positive and --handshake-rate not negative"))
+	}
+	if c.PreambleTimeout <= 0 || c.PreambleTimeout > c.HandshakeTimeout {
+		errs = append(errs, fmt.Errorf("--preamble-timeout %v: want positive and at most --handshake-timeout %v", c.PreambleTimeout, c.HandshakeTimeout))
+	}
+	if c.SourceHandshakes <= 0 || c.CredTunnels <= 0 || c.CredEndpoints < 0 {
+		errs = append(errs, errors.New("--source-handshakes and --credential-tunnels must be positive, --credential-endpoints not negative"))
+	}
+	if c.MaxConnsPerPort <= 0 || c.MaxConns <= 0 || c.IdleTimeout < 0 {
+		errs = append(errs, errors.New("--max-conns-per-port and --max-conns must be positive, --idle-timeout not negative"))
 	}
 	if c.StreamWindow < 256<<10 || c.StreamWindow > 1<<30 {
 		errs = append(errs, fmt.Errorf("--stream-window %d: want 256 KiB to 1 GiB", c.StreamWindow))
