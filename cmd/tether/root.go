@@ -44,6 +44,7 @@ to the right proxy server, so unmodified applications keep dialing agent-ip:port
 		newProxyCmd(g),
 		newPSCmd(g),
 		newAgentCmd(g),
+		newCertsCmd(g),
 	)
 	return root
 }

@@ -1,89 +1,75 @@
 // Package testpki owns throwaway certificate authorities and certificates
-// for tests of TLS on tunnels.
+// for tests of TLS on tunnels. It makes them with internal/pki, the code
+// behind `tether certs`, so tests run on the certificates operators get.
 package testpki
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
-	"os"
+	"net/netip"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/tether-net/tether/internal/pki"
 )
 
+// validFor is the life of test certificates: longer than any test.
+const validFor = 24 * time.Hour
+
 // PKI is a throwaway CA with a server certificate for 127.0.0.1 and a
-// client certificate, written as PEM files.
+// client certificate for agent id "agent", written as PEM files.
 type PKI struct {
 	CA, ServerCert, ServerKey, ClientCert, ClientKey string
 	OtherCA                                          string // a CA that signed nothing here
+
+	dir string
+	ca  *pki.CA
 }
 
 // NewPKI writes a fresh PKI into a temporary directory.
 func NewPKI(t testing.TB) *PKI {
 	t.Helper()
 	dir := t.TempDir()
-	caKey, caCert, caDER := mkCA(t, "tether test CA")
-	_, _, otherDER := mkCA(t, "unrelated CA")
-	p := &PKI{
-		CA: filepath.Join(dir, "ca.pem"), OtherCA: filepath.Join(dir, "other-ca.pem"),
-		ServerCert: filepath.Join(dir, "server.pem"), ServerKey: filepath.Join(dir, "server-key.pem"),
-		ClientCert: filepath.Join(dir, "client.pem"), ClientKey: filepath.Join(dir, "client-key.pem"),
+	ca := newCA(t, dir, "tether test CA")
+	newCA(t, filepath.Join(dir, "other"), "unrelated CA")
+	p := &PKI{CA: filepath.Join(dir, pki.CACertFile), OtherCA: filepath.Join(dir, "other", pki.CACertFile), dir: dir, ca: ca}
+	srv, err := ca.IssueServer("ps", nil, []netip.Addr{netip.MustParseAddr("127.0.0.1")}, validFor)
+	if err != nil {
+		t.Fatal(err)
 	}
-	writePEM(t, p.CA, "CERTIFICATE", caDER)
-	writePEM(t, p.OtherCA, "CERTIFICATE", otherDER)
-	mkLeaf(t, caKey, caCert, "ps", []net.IP{net.ParseIP("127.0.0.1")}, x509.ExtKeyUsageServerAuth, p.ServerCert, p.ServerKey)
-	mkLeaf(t, caKey, caCert, "agent", nil, x509.ExtKeyUsageClientAuth, p.ClientCert, p.ClientKey)
+	p.ServerCert, p.ServerKey = write(t, srv, dir, "server")
+	p.ClientCert, p.ClientKey = p.Agent(t, "agent")
 	return p
 }
 
-func mkCA(t testing.TB, name string) (*ecdsa.PrivateKey, *x509.Certificate, []byte) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+// Agent issues a client certificate from the PKI's CA that speaks for agent
+// id and lists ips as the addresses it may expose, and returns its files.
+func (p *PKI) Agent(t testing.TB, id string, ips ...netip.Addr) (cert, key string) {
+	t.Helper()
+	leaf, err := p.ca.IssueAgent(id, ips, validFor)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return key, cert, der
+	// A counter-free unique name: the certificate's serial number.
+	return write(t, leaf, p.dir, "agent-"+leaf.Cert.SerialNumber.Text(36))
 }
 
-func mkLeaf(t testing.TB, caKey *ecdsa.PrivateKey, ca *x509.Certificate, cn string, ips []net.IP, usage x509.ExtKeyUsage, certPath, keyPath string) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+func newCA(t testing.TB, dir, name string) *pki.CA {
+	t.Helper()
+	ca, err := pki.NewCA(name, 2*validFor)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage}, IPAddresses: ips,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
+	if _, _, err := ca.WriteFiles(dir, false); err != nil {
 		t.Fatal(err)
 	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	writePEM(t, certPath, "CERTIFICATE", der)
-	writePEM(t, keyPath, "EC PRIVATE KEY", kder)
+	return ca
 }
 
-func writePEM(t testing.TB, path, typ string, der []byte) {
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+func write(t testing.TB, leaf *pki.Leaf, dir, base string) (cert, key string) {
+	t.Helper()
+	cert, key, err := leaf.WriteFiles(dir, base, false)
+	if err != nil {
 		t.Fatal(err)
 	}
+	return cert, key
 }
