@@ -2,10 +2,13 @@ package registry
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -30,6 +33,10 @@ type Config struct {
 	Logger *slog.Logger
 	// Now is the clock; default time.Now. Tests may replace it.
 	Now func() time.Time
+	// Control, when set, runs on every Redis socket after socket() and
+	// before connect() (net.Dialer.Control). The redirector marks its own
+	// sockets there so that its eBPF programs never redirect them.
+	Control func(network, address string, c syscall.RawConn) error
 }
 
 // Registry is the Redis-backed route registry. It is safe for concurrent use.
@@ -101,6 +108,7 @@ func newClient(cfg Config) (redis.UniversalClient, error) {
 		opt.WriteTimeout = ioTimeout
 		opt.ContextTimeoutEnabled = true
 		opt.MaxRetries = 1
+		opt.Dialer = dialer(cfg.Control, opt.TLSConfig)
 		return redis.NewClient(opt), nil
 	case len(cfg.Addrs) > 0:
 		return redis.NewUniversalClient(&redis.UniversalOptions{
@@ -108,9 +116,26 @@ func newClient(cfg Config) (redis.UniversalClient, error) {
 			DialTimeout: dialTimeout, ReadTimeout: ioTimeout, WriteTimeout: ioTimeout,
 			ContextTimeoutEnabled: true,
 			MaxRetries:            1,
+			Dialer:                dialer(cfg.Control, nil),
 		}), nil
 	default:
 		return nil, errors.New("registry: no Redis URL or addresses given")
+	}
+}
+
+// dialer is go-redis's default dialer (timeout, keep-alive, TLS when
+// tlsConf is set) with control run on each socket before it connects; nil
+// (go-redis's own default) when control is nil.
+func dialer(control func(string, string, syscall.RawConn) error, tlsConf *tls.Config) func(context.Context, string, string) (net.Conn, error) {
+	if control == nil {
+		return nil
+	}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second, Control: control}
+		if tlsConf == nil {
+			return d.DialContext(ctx, network, addr)
+		}
+		return (&tls.Dialer{NetDialer: d, Config: tlsConf}).DialContext(ctx, network, addr)
 	}
 }
 

@@ -12,6 +12,31 @@
 // the Mirror never hand out a dead backend as live, even before anything
 // deletes it.
 //
+// # One clock
+//
+// Lease expiry is judged on Redis's clock (TIME), never by comparing two
+// hosts' wall clocks. A PS sends how long its lease lasts; the script that
+// renews it stores Redis's now plus that. Every script that judges expiry
+// (publish) reads TIME itself. A reader reads TIME in the same script as
+// the leases and keeps, per lease, its own time at sending the read plus
+// the time Redis had left: PSLease.ExpiresAt and Backend.ExpiresAt are on
+// the reader's clock (with its monotonic reading), so a Mirror expires
+// leases locally, Redis reachable or not, without ever trusting the PS's
+// clock or assuming its own agrees with Redis's. Port quarantines are
+// written by one process and judged by another (a peer collects a dead PS;
+// the PS, restarted, reads the quarantine back), so they are kept on Redis's
+// clock the same way.
+//
+// # Owners
+//
+// A backend records the credential its agent authenticated with (an
+// opaque Publication.Owner such as "tok:3f2a9c1b" or "cert:a1"). Publish
+// refuses, with a ConflictError, a target held live on another PS by
+// another agent, or by the same agent id under another non-empty owner. An
+// entry without an owner (an --insecure PS, or one written by an older
+// version) never refuses on the owner's ground. On its own PS a newer
+// session of an agent replaces the older one: that is the PS's decision.
+//
 // # Key layout
 //
 // Every key shares the hash tag {P}, where P is Config.Prefix (default
@@ -19,11 +44,14 @@
 // server, under Sentinel and on a Cluster alike (all keys live in one slot).
 //
 //	{P}:ps:<ps_id>          HASH   addr, expires_ms, state (active|draining), renewed_ms
+//	                               (both times unix ms on Redis's clock)
 //	{P}:pses                SET    ids of all PS nodes that have a ps key
-//	{P}:route:<ip:port>     HASH   field <ps_id> -> JSON {"port":N,"agent_id":"..."}
+//	{P}:route:<ip:port>     HASH   field <ps_id> -> JSON {"port":N,"agent_id":"...","owner":"..."}
+//	                               (owner absent when there is none)
 //	{P}:targets             SET    every target that has at least one backend
 //	{P}:psroutes:<ps_id>    HASH   field <port> -> target: the PS's ports in use
-//	{P}:quarantine:<ps_id>  ZSET   member <port>, score = unix ms until it may be reused
+//	{P}:quarantine:<ps_id>  ZSET   member <port>, score = unix ms (Redis's clock)
+//	                               until it may be reused
 //	{P}:changes             STREAM entries {k: route|ps, id: <target>|<ps_id>},
 //	                               trimmed to about Config.StreamMaxLen entries
 //

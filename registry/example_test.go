@@ -63,7 +63,7 @@ func publishExample(target netip.AddrPort, port uint16, ps map[string]netip.Addr
 	defer reg.Close()
 	ctx := context.Background()
 	for id, addr := range ps {
-		l := registry.PSLease{ID: id, Addr: addr, State: registry.PSActive, ExpiresAt: time.Now().Add(time.Minute)}
+		l := registry.PSLease{ID: id, Addr: addr, State: registry.PSActive, TTL: time.Minute}
 		if err := reg.RenewPS(ctx, l); err != nil {
 			log.Fatal(err)
 		}

@@ -53,7 +53,9 @@ type MirrorConfig struct {
 	Logger *slog.Logger
 	// Metrics, when set, receives the mirror's metrics.
 	Metrics prometheus.Registerer
-	// Now is the clock; default time.Now.
+	// Now is the clock; default the Registry's (Config.Now). Lease expiries
+	// are converted to the Registry's clock when read (see
+	// PSLease.ExpiresAt), so a Now given here must read that same clock.
 	Now func() time.Time
 }
 
@@ -66,7 +68,7 @@ type Mirror struct {
 	now func() time.Time
 
 	mu      sync.RWMutex
-	entries map[netip.AddrPort]map[string]entry // target -> ps id -> entry
+	entries map[netip.AddrPort]map[string]mirrorEntry // target -> ps id -> entry
 	leases  map[string]PSLease
 	byPS    map[string]map[netip.AddrPort]struct{}
 	// seen is what the sink was last told about each PS's backends; only a
@@ -106,11 +108,11 @@ func NewMirror(cfg MirrorConfig) (*Mirror, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Now == nil {
-		cfg.Now = time.Now
+		cfg.Now = cfg.Registry.now
 	}
 	m := &Mirror{
 		cfg: cfg, log: cfg.Logger, now: cfg.Now,
-		entries: map[netip.AddrPort]map[string]entry{},
+		entries: map[netip.AddrPort]map[string]mirrorEntry{},
 		leases:  map[string]PSLease{},
 		byPS:    map[string]map[netip.AddrPort]struct{}{},
 		seen:    map[string]psView{},

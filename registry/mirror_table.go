@@ -17,7 +17,7 @@ func (m *Mirror) apply(ctx context.Context, msg message) error {
 	now := m.now()
 	if msg.snapshot != nil {
 		m.mu.Lock()
-		m.entries = map[netip.AddrPort]map[string]entry{}
+		m.entries = map[netip.AddrPort]map[string]mirrorEntry{}
 		m.byPS = map[string]map[netip.AddrPort]struct{}{}
 		m.leases = map[string]PSLease{}
 		for id, l := range msg.snapshot.Leases {
@@ -148,6 +148,13 @@ func viewOf(l PSLease, now time.Time) psView {
 	return psView{addr: l.Addr, live: l.Live(now), draining: l.State == PSDraining}
 }
 
+// mirrorEntry is a backend as the mirror keeps it: what lookups and the
+// sink need, without the owner (a million routes would pay for it).
+type mirrorEntry struct {
+	Port    uint16
+	AgentID string
+}
+
 // setRouteLocked replaces the entries of rt.Target with rt's backends.
 func (m *Mirror) setRouteLocked(rt Route) {
 	for ps := range m.entries[rt.Target] {
@@ -162,9 +169,9 @@ func (m *Mirror) setRouteLocked(rt Route) {
 		delete(m.entries, rt.Target)
 		return
 	}
-	es := make(map[string]entry, len(rt.Backends))
+	es := make(map[string]mirrorEntry, len(rt.Backends))
 	for _, b := range rt.Backends {
-		es[b.PSID] = entry{Port: b.Address.Port(), AgentID: b.AgentID}
+		es[b.PSID] = mirrorEntry{Port: b.Address.Port(), AgentID: b.AgentID}
 		if m.byPS[b.PSID] == nil {
 			m.byPS[b.PSID] = map[netip.AddrPort]struct{}{}
 		}

@@ -13,15 +13,22 @@ import (
 	"github.com/tether-net/tether/internal/textclip"
 )
 
-// publishScript publishes backends of one PS. ARGV: ps_id, now_ms, maxlen,
-// then triples (target, port, agent_id). It returns, per triple, "" on
-// success or the id of the live agent that holds the target.
-var publishScript = redis.NewScript(`
-local p, ps, now, maxlen = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+// publishScript publishes backends of one PS. ARGV: ps_id, maxlen, then
+// quadruples (target, port, agent_id, owner). It returns, per quadruple, ""
+// on success, or the live holder that refuses it: "A" then its agent id
+// for another agent, "O" then its agent id for the same agent id under
+// another credential (both owners non-empty and different; an entry of an
+// older version has no owner and never refuses on that ground). Owners are
+// compared only with other PS nodes' entries: on its own PS, a newer
+// session of the agent was already admitted by the PS. Liveness is judged
+// on Redis's clock.
+var publishScript = redis.NewScript(luaServerMS + `
+local p, ps, maxlen = KEYS[1], ARGV[1], ARGV[2]
+local now = server_ms()
 local res = {}
 local n = 0
-for i = 4, #ARGV, 3 do
-  local target, port, agent = ARGV[i], ARGV[i+1], ARGV[i+2]
+for i = 3, #ARGV, 4 do
+  local target, port, agent, owner = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
   local rkey = p .. ':route:' .. target
   local holder = ''
   local replaced = nil
@@ -29,12 +36,22 @@ for i = 4, #ARGV, 3 do
   for j = 1, #cur, 2 do
     local other, raw = cur[j], cur[j+1]
     local ok, e = pcall(cjson.decode, raw)
-    if ok and type(e) == 'table' and e.agent_id ~= agent then
-      local exp = tonumber(redis.call('HGET', p .. ':ps:' .. other, 'expires_ms') or '0') or 0
-      if exp > now then holder = tostring(e.agent_id) end
-    end
-    if other == ps and ok and type(e) == 'table' and tostring(e.port) ~= port then
-      replaced = tostring(e.port)
+    if ok and type(e) == 'table' then
+      local eo = e.owner
+      if type(eo) ~= 'string' then eo = '' end
+      local why = nil
+      if e.agent_id ~= agent then
+        why = 'A'
+      elseif other ~= ps and eo ~= '' and owner ~= '' and eo ~= owner then
+        why = 'O'
+      end
+      if why and holder == '' then
+        local exp = tonumber(redis.call('HGET', p .. ':ps:' .. other, 'expires_ms') or '0') or 0
+        if exp > now then holder = why .. tostring(e.agent_id) end
+      end
+      if other == ps and tostring(e.port) ~= port then
+        replaced = tostring(e.port)
+      end
     end
   end
   if holder == '' then
@@ -42,7 +59,9 @@ for i = 4, #ARGV, 3 do
     -- replaces: a refused one leaves the holder's entry and its index
     -- alone, so WithdrawAll and resync still find (and quarantine) it.
     if replaced then redis.call('HDEL', p .. ':psroutes:' .. ps, replaced) end
-    redis.call('HSET', rkey, ps, cjson.encode({port = tonumber(port), agent_id = agent}))
+    local e = {port = tonumber(port), agent_id = agent}
+    if owner ~= '' then e.owner = owner end
+    redis.call('HSET', rkey, ps, cjson.encode(e))
     redis.call('SADD', p .. ':targets', target)
     redis.call('HSET', p .. ':psroutes:' .. ps, port, target)
     redis.call('XADD', p .. ':changes', 'MAXLEN', '~', maxlen, '*', 'k', 'route', 'id', target)
@@ -54,8 +73,9 @@ return res
 `)
 
 // withdrawScript removes backends of one PS, first quarantining their ports
-// when asked. ARGV: ps_id, maxlen, quarantine_until_ms ("" for none), then
-// pairs (target, port).
+// when asked. ARGV: ps_id, maxlen, quarantine_ms ("" for none: how long,
+// counted on Redis's clock, the ports stay quarantined), then pairs
+// (target, port).
 //
 // The quarantine of every port in the call is written before any backend
 // is removed: Redis does not roll a script back when it fails halfway, so
@@ -64,9 +84,10 @@ return res
 // still has that port, so a late withdraw never removes a newer publication
 // (its port is quarantined all the same: the PS gave it up). It returns the
 // number of backends removed.
-var withdrawScript = redis.NewScript(`
-local p, ps, maxlen, quntil = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-if quntil ~= '' then
+var withdrawScript = redis.NewScript(luaServerMS + `
+local p, ps, maxlen, qfor = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+if qfor ~= '' then
+  local quntil = string.format('%d', server_ms() + tonumber(qfor))
   local qkey = p .. ':quarantine:' .. ps
   for i = 4, #ARGV, 2 do
     redis.call('ZADD', qkey, 'GT', quntil, ARGV[i+1])
@@ -100,8 +121,9 @@ return removed
 const batchSize = 500
 
 // Publish records backends of PS psID. It returns one error per publication,
-// in order: nil, or an error wrapping ErrConflict that names the agent that
-// holds the target. The second result is an error talking to Redis.
+// in order: nil, or a *ConflictError (wrapping ErrConflict) that names the
+// agent that holds the target and says whether it holds it under another
+// credential. The second result is an error talking to Redis.
 func (r *Registry) Publish(ctx context.Context, psID string, pubs []Publication) ([]error, error) {
 	if err := validPSID(psID); err != nil {
 		return nil, err
@@ -109,12 +131,12 @@ func (r *Registry) Publish(ctx context.Context, psID string, pubs []Publication)
 	out := make([]error, len(pubs))
 	for start := 0; start < len(pubs); start += batchSize {
 		end := min(start+batchSize, len(pubs))
-		args := []any{psID, r.now().UnixMilli(), r.maxLen}
+		args := []any{psID, r.maxLen}
 		for _, p := range pubs[start:end] {
 			if !p.Target.IsValid() || p.Port == 0 || p.AgentID == "" {
 				return nil, fmt.Errorf("publish %v: target, port and agent id are required", p)
 			}
-			args = append(args, p.Target.String(), strconv.Itoa(int(p.Port)), p.AgentID)
+			args = append(args, p.Target.String(), strconv.Itoa(int(p.Port)), p.AgentID, p.Owner)
 		}
 		res, err := publishScript.Run(ctx, r.rdb, []string{r.keys.p}, args...).StringSlice()
 		if err != nil {
@@ -122,7 +144,7 @@ func (r *Registry) Publish(ctx context.Context, psID string, pubs []Publication)
 		}
 		for i, holder := range res {
 			if holder != "" {
-				out[start+i] = fmt.Errorf("%w: %s is held by agent %q", ErrConflict, pubs[start+i].Target, holder)
+				out[start+i] = &ConflictError{Target: pubs[start+i].Target, Holder: holder[1:], OtherCredential: holder[0] == 'O'}
 			}
 		}
 	}
@@ -130,8 +152,9 @@ func (r *Registry) Publish(ctx context.Context, psID string, pubs []Publication)
 }
 
 // Release is what a PS does with ports it gives up: it quarantines the
-// ports of pubs until until (a port already quarantined for longer keeps
-// its later time), so the PS does not hand them to another target while
+// ports of pubs until until, on the caller's clock (Config.Now; Redis
+// stores its own now plus the time left, see quarantineFor; a port already
+// quarantined for longer keeps its later time), so the PS does not hand them to another target while
 // some reader may still map them to the old one, and then withdraws the
 // backends: each pair is removed only if the PS's backend for its target
 // still has that port (a publication's AgentID is ignored).
@@ -144,16 +167,26 @@ func (r *Registry) Release(ctx context.Context, psID string, pubs []Publication,
 	if err := validPSID(psID); err != nil {
 		return err
 	}
-	return r.withdraw(ctx, psID, pubs, strconv.FormatInt(until.UnixMilli(), 10))
+	return r.withdraw(ctx, psID, pubs, r.quarantineFor(until))
 }
 
-// withdraw runs withdrawScript over pubs in batches; quarantineUntil is
-// unix ms, or "" to withdraw without quarantine (only tests do: every
-// caller that gives ports up goes through Release or WithdrawAll).
-func (r *Registry) withdraw(ctx context.Context, psID string, pubs []Publication, quarantineUntil string) error {
+// quarantineFor turns a quarantine end on this registry's clock into the
+// duration (ms) withdrawScript adds to Redis's clock. Quarantines are
+// written by one process and judged by another (a peer's CollectDead
+// quarantines the ports of a dead PS that a restart of it reads back), so
+// they are kept on Redis's clock like leases.
+func (r *Registry) quarantineFor(until time.Time) string {
+	return strconv.FormatInt(until.Sub(r.now()).Milliseconds(), 10)
+}
+
+// withdraw runs withdrawScript over pubs in batches; quarantineMS is how
+// long (ms) the ports stay quarantined, or "" to withdraw without
+// quarantine (only tests do: every caller that gives ports up goes through
+// Release or WithdrawAll).
+func (r *Registry) withdraw(ctx context.Context, psID string, pubs []Publication, quarantineMS string) error {
 	for start := 0; start < len(pubs); start += batchSize {
 		end := min(start+batchSize, len(pubs))
-		args := []any{psID, r.maxLen, quarantineUntil}
+		args := []any{psID, r.maxLen, quarantineMS}
 		for _, p := range pubs[start:end] {
 			args = append(args, p.Target.String(), strconv.Itoa(int(p.Port)))
 		}
@@ -186,7 +219,8 @@ func (r *Registry) PortsInUse(ctx context.Context, psID string) (map[uint16]neti
 
 // WithdrawAll removes every backend PS psID has in the registry (a restarted
 // PS's leftovers, or a dead PS's, cleaned by a peer), quarantines their ports
-// until quarantineUntil, and returns the ports.
+// until quarantineUntil (on this registry's clock, as in Release), and
+// returns the ports.
 func (r *Registry) WithdrawAll(ctx context.Context, psID string, quarantineUntil time.Time) ([]uint16, error) {
 	used, err := r.PortsInUse(ctx, psID)
 	if err != nil {
@@ -201,32 +235,45 @@ func (r *Registry) WithdrawAll(ctx context.Context, psID string, quarantineUntil
 	sort.Slice(ports, func(i, j int) bool { return ports[i] < ports[j] })
 	// Release's rule (quarantine before withdraw) without its id check: a
 	// peer cleaning up ids read back from Redis must not stop at a junk one.
-	if err := r.withdraw(ctx, psID, pubs, strconv.FormatInt(quarantineUntil.UnixMilli(), 10)); err != nil {
+	if err := r.withdraw(ctx, psID, pubs, r.quarantineFor(quarantineUntil)); err != nil {
 		return nil, err
 	}
 	return ports, nil
 }
 
-// Quarantined returns psID's ports whose quarantine has not ended at now,
-// with the time it ends; ended entries are removed on the way.
+// quarantinedScript drops the ended quarantines of a PS and returns Redis's
+// now (ms) and the rest, as [member, score, ...]. ARGV: ps_id.
+var quarantinedScript = redis.NewScript(luaServerMS + `
+local key = KEYS[1] .. ':quarantine:' .. ARGV[1]
+local now = server_ms()
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+return {now, redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')}
+`)
+
+// Quarantined returns psID's ports whose quarantine has not ended, with
+// the time it ends on this registry's clock (converted from Redis's, as
+// lease expiries are); ended entries are removed on the way.
 func (r *Registry) Quarantined(ctx context.Context, psID string) (map[uint16]time.Time, error) {
-	key := r.keys.quarantine(psID)
-	now := r.now().UnixMilli()
-	if err := r.rdb.ZRemRangeByScore(ctx, key, "-inf", strconv.FormatInt(now, 10)).Err(); err != nil {
-		return nil, fmt.Errorf("expire quarantine of ps %s: %w", psID, err)
-	}
-	zs, err := r.rdb.ZRangeWithScores(ctx, key, 0, -1).Result()
+	sent := r.now()
+	res, err := quarantinedScript.Run(ctx, r.rdb, []string{r.keys.p}, psID).Slice()
 	if err != nil {
 		return nil, fmt.Errorf("read quarantine of ps %s: %w", psID, err)
 	}
-	out := make(map[uint16]time.Time, len(zs))
-	for _, z := range zs {
-		s, _ := z.Member.(string)
-		p, err := strconv.ParseUint(s, 10, 16)
-		if err != nil {
+	srvNow, ok := res[0].(int64)
+	if !ok || len(res) != 2 {
+		return nil, fmt.Errorf("read quarantine of ps %s: %w: unexpected reply shape", psID, ErrBadData)
+	}
+	flat, _ := res[1].([]any)
+	out := make(map[uint16]time.Time, len(flat)/2)
+	for i := 0; i+1 < len(flat); i += 2 {
+		m, _ := flat[i].(string)
+		sc, _ := flat[i+1].(string)
+		p, err1 := strconv.ParseUint(m, 10, 16)
+		ms, err2 := strconv.ParseFloat(sc, 64)
+		if err1 != nil || err2 != nil {
 			continue
 		}
-		out[uint16(p)] = time.UnixMilli(int64(z.Score))
+		out[uint16(p)] = localTime(sent, srvNow, int64(ms))
 	}
 	return out, nil
 }
@@ -246,7 +293,7 @@ func (r *Registry) Forget(ctx context.Context, psID string) error {
 }
 
 // CollectDead withdraws the backends of every PS whose lease lapsed more
-// than grace ago, quarantining their ports for quarantine, and forgets those
+// than grace ago (judged on Redis's clock, through readLeases), quarantining their ports for quarantine, and forgets those
 // PS nodes. Any PS may run it; running it twice is harmless. It returns the
 // ids it collected.
 func (r *Registry) CollectDead(ctx context.Context, grace, quarantine time.Duration) ([]string, error) {

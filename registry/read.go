@@ -55,7 +55,7 @@ func (r *Registry) List(ctx context.Context) ([]Route, error) {
 type Snapshot struct {
 	// Routes holds every route with every recorded backend, live or not.
 	Routes []Route
-	// Leases holds every PS lease.
+	// Leases holds every PS lease, expiries on the reader's clock.
 	Leases map[string]PSLease
 	// Cursor is the change feed position taken before the data was read:
 	// following from it can only replay changes, never miss one.
@@ -138,7 +138,7 @@ func (r *Registry) buildRoute(target netip.AddrPort, raw map[string]string, leas
 		l := leases[psID]
 		// Without a lease the address is invalid but the port is kept, so a
 		// reader that learns the lease later still knows where to go.
-		b := Backend{PSID: psID, AgentID: e.AgentID, ExpiresAt: l.ExpiresAt, Draining: l.State == PSDraining,
+		b := Backend{PSID: psID, AgentID: e.AgentID, Owner: e.Owner, ExpiresAt: l.ExpiresAt, Draining: l.State == PSDraining,
 			Address: netip.AddrPortFrom(l.Addr, e.Port)}
 		rt.Backends = append(rt.Backends, b)
 	}

@@ -48,6 +48,17 @@ func lease(id, addr string, until time.Time) PSLease {
 	return PSLease{ID: id, Addr: netip.MustParseAddr(addr), State: PSActive, ExpiresAt: until}
 }
 
+// nearErr checks a time read back from the registry against the one
+// written, both on the test's clock. Redis keeps them on its own clock, so
+// the round trip back may make it early by up to a round trip (the reader
+// errs early, never late) and the ms rounding late by a millisecond.
+func nearErr(got, want time.Time) error {
+	if d := got.Sub(want); d < -time.Second || d > 2*time.Millisecond {
+		return fmt.Errorf("got %v, want %v (off by %v)", got, want, d)
+	}
+	return nil
+}
+
 func mustPublish(t *testing.T, reg *Registry, ps string, pubs ...Publication) {
 	t.Helper()
 	errs, err := reg.Publish(context.Background(), ps, pubs)
@@ -84,22 +95,28 @@ func TestRouteHasOneBackendPerPSWithLeaseExpiry(t *testing.T) {
 	if len(rt.Backends) != 2 || rt.Backends[0].Address != ap("127.0.0.1:20001") || rt.Backends[1].Address != ap("127.0.0.2:30001") {
 		t.Fatalf("want backends on ps1 and ps2, got %+v", rt.Backends)
 	}
-	if !rt.Backends[0].ExpiresAt.Equal(until.Truncate(time.Millisecond)) {
-		t.Errorf("expiry is the PS lease: got %v want %v", rt.Backends[0].ExpiresAt, until)
+	if err := nearErr(rt.Backends[0].ExpiresAt, until); err != nil {
+		t.Errorf("expiry is the PS lease: %v", err)
 	}
 
-	// ps2 stops renewing: once its lease lapses, Get no longer returns it.
+	// ps2's last renewal is for 300ms: once its lease lapses, Get no longer
+	// returns it.
 	if err := reg.RenewPS(ctx, lease("ps1", "127.0.0.1", until.Add(time.Minute))); err != nil {
 		t.Fatal(err)
 	}
-	clk.Add(6 * time.Second)
-	rt, err = reg.Get(ctx, target)
-	if err != nil {
+	if err := reg.RenewPS(ctx, PSLease{ID: "ps2", Addr: netip.MustParseAddr("127.0.0.2"), TTL: 300 * time.Millisecond}); err != nil {
 		t.Fatal(err)
 	}
-	if len(rt.Backends) != 1 || rt.Backends[0].PSID != "ps1" {
-		t.Fatalf("an expired backend was returned: %+v", rt.Backends)
-	}
+	testutil.Eventually(t, 5*time.Second, "ps2's backend lapses", func() error {
+		rt, err = reg.Get(ctx, target)
+		if err != nil {
+			return err
+		}
+		if len(rt.Backends) != 1 || rt.Backends[0].PSID != "ps1" {
+			return fmt.Errorf("want only ps1's backend, got %+v", rt.Backends)
+		}
+		return nil
+	})
 
 	// A draining PS is not live either.
 	if err := reg.RenewPS(ctx, PSLease{ID: "ps1", Addr: netip.MustParseAddr("127.0.0.1"), State: PSDraining, ExpiresAt: until.Add(time.Minute)}); err != nil {
@@ -139,9 +156,9 @@ func TestAnotherAgentCannotTakeALiveRoute(t *testing.T) {
 		t.Fatalf("the route changed hands: %+v", rt.Backends)
 	}
 
-	// Once a1's PS lease lapses, the target is free to take.
-	clk.Add(6 * time.Second)
-	_ = reg.RenewPS(ctx, lease("ps2", "127.0.0.2", clk.Now().Add(5*time.Second)))
+	// Once a1's PS lease lapses (its last renewal ran out a second ago), the
+	// target is free to take.
+	_ = reg.RenewPS(ctx, lease("ps1", "127.0.0.1", clk.Now().Add(-time.Second)))
 	mustPublish(t, reg, "ps2", Publication{Target: target, Port: 30001, AgentID: "a2"})
 }
 
@@ -225,7 +242,8 @@ func TestDeadPSIsCollectedAndItsPortsQuarantined(t *testing.T) {
 	if dead, err := reg.CollectDead(ctx, 10*time.Second, time.Minute); err != nil || len(dead) != 0 {
 		t.Fatalf("collected a live PS: %v %v", dead, err)
 	}
-	clk.Add(20 * time.Second)
+	// ps1's last renewal ran out 20s ago (on Redis's clock).
+	_ = reg.RenewPS(ctx, lease("ps1", "127.0.0.1", clk.Now().Add(-20*time.Second)))
 	dead, err := reg.CollectDead(ctx, 10*time.Second, time.Minute)
 	if err != nil || len(dead) != 1 || dead[0] != "ps1" {
 		t.Fatalf("want ps1 collected, got %v %v", dead, err)
@@ -234,17 +252,24 @@ func TestDeadPSIsCollectedAndItsPortsQuarantined(t *testing.T) {
 		t.Fatalf("dead PS still holds ports: %v", used)
 	}
 	q, err := reg.Quarantined(ctx, "ps1")
-	if err != nil || len(q) != 2 {
-		t.Fatalf("ports of a dead PS must be quarantined: %v %v", q, err)
+	if err != nil || len(q) != 2 || nearErr(q[20001], clk.Now().Add(time.Minute)) != nil {
+		t.Fatalf("ports of a dead PS must be quarantined for a minute: %v %v", q, err)
 	}
 	leases, _ := reg.PSLeases(ctx)
 	if _, ok := leases["ps1"]; ok {
 		t.Fatal("dead PS lease not forgotten")
 	}
-	clk.Add(2 * time.Minute)
-	if q, _ := reg.Quarantined(ctx, "ps1"); len(q) != 0 {
-		t.Fatalf("quarantine did not end: %v", q)
+	// A quarantine ends on Redis's clock, and Quarantined drops it then.
+	if err := reg.Release(ctx, "ps1", []Publication{{Target: ap("127.77.0.1:3"), Port: 20003}}, clk.Now().Add(200*time.Millisecond)); err != nil {
+		t.Fatal(err)
 	}
+	testutil.Eventually(t, 5*time.Second, "the short quarantine ends", func() error {
+		q, err := reg.Quarantined(ctx, "ps1")
+		if _, ok := q[20003]; err != nil || ok || len(q) != 2 {
+			return fmt.Errorf("quarantine %v %v: want only 20001 and 20002", q, err)
+		}
+		return nil
+	})
 }
 
 func TestGarbageInRedisIsSkippedNotFatal(t *testing.T) {

@@ -14,7 +14,8 @@ import (
 var (
 	// ErrNotFound means the target has no live backend.
 	ErrNotFound = errors.New("route not found")
-	// ErrConflict means another agent holds a live backend for the target.
+	// ErrConflict means another agent, or the same agent id under another
+	// credential, holds a live backend for the target (see ConflictError).
 	ErrConflict = errors.New("target is held by another live agent")
 	// ErrCursorLost means the change feed no longer holds the reader's
 	// position (trimmed, or the stream was reset); the reader must resync.
@@ -34,10 +35,27 @@ const (
 
 // PSLease is what a PS renews: its id, the address clients reach it at, its
 // state, and when the lease lapses.
+//
+// Lease expiry is judged on one clock, Redis's (TIME): a writer sends how
+// long the lease lasts and Redis stores its own now plus that. A reader
+// converts what it reads into its own clock (see ExpiresAt), so no two
+// hosts' wall clocks are ever compared.
 type PSLease struct {
-	ID        string
-	Addr      netip.Addr
-	State     PSState
+	ID    string
+	Addr  netip.Addr
+	State PSState
+	// TTL is what a writer (RenewPS) sets: how long the lease lasts,
+	// counted by Redis from the moment it applies the renewal. Readers
+	// leave it zero.
+	TTL time.Duration
+	// ExpiresAt, in a lease read back from the registry, is when the lease
+	// lapses on the reader's clock (Config.Now, with its monotonic reading):
+	// the reader's time when it sent the read plus the time Redis had left
+	// on the lease then. It is never later than Redis's own judgement, and a
+	// reader's clock skew or wall-clock step does not move it.
+	//
+	// A writer may set ExpiresAt on its own clock (Config.Now) instead of
+	// TTL; RenewPS then sends ExpiresAt minus its now as the TTL.
 	ExpiresAt time.Time
 }
 
@@ -51,15 +69,23 @@ type Publication struct {
 	Target  netip.AddrPort
 	Port    uint16
 	AgentID string
+	// Owner is an opaque name of the credential the agent authenticated
+	// with (e.g. "tok:3f2a9c1b", "cert:a1"), "" when there is none. A
+	// publication is refused while another PS holds a live backend for the
+	// target under the same agent id and a different non-empty owner.
+	Owner string
 }
 
 // Backend is one way to reach a route's target: a port on a PS.
 type Backend struct {
-	PSID      string         `json:"ps_id"`
-	Address   netip.AddrPort `json:"address"` // PS ip:port to connect to
-	AgentID   string         `json:"agent_id"`
-	ExpiresAt time.Time      `json:"expires_at"` // the PS lease's expiry
-	Draining  bool           `json:"draining,omitempty"`
+	PSID    string         `json:"ps_id"`
+	Address netip.AddrPort `json:"address"` // PS ip:port to connect to
+	AgentID string         `json:"agent_id"`
+	Owner   string         `json:"owner,omitempty"` // the agent's credential, see Publication
+	// ExpiresAt is the PS lease's expiry on the reader's clock (see
+	// PSLease.ExpiresAt).
+	ExpiresAt time.Time `json:"expires_at"`
+	Draining  bool      `json:"draining,omitempty"`
 }
 
 // Live reports whether the backend may receive new connections at now.
@@ -90,16 +116,37 @@ func (b Backend) MarshalJSON() ([]byte, error) {
 		PSID      string `json:"ps_id"`
 		Address   string `json:"address"`
 		AgentID   string `json:"agent_id"`
+		Owner     string `json:"owner,omitempty"`
 		ExpiresAt string `json:"expires_at"`
 		Draining  bool   `json:"draining,omitempty"`
 	}
-	return json.Marshal(wire{b.PSID, b.Address.String(), b.AgentID, b.ExpiresAt.UTC().Format(time.RFC3339Nano), b.Draining})
+	return json.Marshal(wire{b.PSID, b.Address.String(), b.AgentID, b.Owner, b.ExpiresAt.UTC().Format(time.RFC3339Nano), b.Draining})
 }
 
-// entry is the JSON stored in a route hash field.
+// ConflictError is the error Publish returns for a publication refused
+// because the target is held: by another agent, or by the same agent id
+// under another credential (OtherCredential). It wraps ErrConflict.
+type ConflictError struct {
+	Target          netip.AddrPort
+	Holder          string // the agent id of the live holder
+	OtherCredential bool
+}
+
+func (e *ConflictError) Error() string {
+	if e.OtherCredential {
+		return fmt.Sprintf("%v: %s is held by agent %q with another credential", ErrConflict, e.Target, e.Holder)
+	}
+	return fmt.Sprintf("%v: %s is held by agent %q", ErrConflict, e.Target, e.Holder)
+}
+
+func (e *ConflictError) Unwrap() error { return ErrConflict }
+
+// entry is the JSON stored in a route hash field. Owner is absent in
+// entries written before owners existed, which reads as "".
 type entry struct {
 	Port    uint16 `json:"port"`
 	AgentID string `json:"agent_id"`
+	Owner   string `json:"owner,omitempty"`
 }
 
 func decodeEntry(raw string) (entry, error) {

@@ -120,10 +120,14 @@ func writeJSON(w io.Writer, v any) error {
 
 func writeRouteTable(w io.Writer, routes []registry.Route, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "TARGET\tPS\tADDRESS\tAGENT\tLEASE")
+	fmt.Fprintln(tw, "TARGET\tPS\tADDRESS\tAGENT\tOWNER\tLEASE")
 	for _, rt := range routes {
 		for _, b := range rt.Backends {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", rt.Target, b.PSID, b.Address, b.AgentID, b.ExpiresAt.Sub(now).Round(100*time.Millisecond))
+			owner := b.Owner
+			if owner == "" {
+				owner = "-" // published without a credential, or by an older PS
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", rt.Target, b.PSID, b.Address, b.AgentID, owner, b.ExpiresAt.Sub(now).Round(100*time.Millisecond))
 		}
 	}
 	return tw.Flush()
