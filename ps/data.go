@@ -16,11 +16,18 @@ const OpenTimeout = 5 * time.Second
 // handleConn carries a client connection that arrived on port over the
 // tunnel of the agent that owns the port. It is the connHandler of the PS's
 // data plane.
-func (p *PS) handleConn(port uint16, c net.Conn) {
+func (p *PS) handleConn(port uint16, c net.Conn, load connLoad) {
 	src := addrPortOf(c.RemoteAddr())
 	if !p.allow.Allows(src.Addr()) {
 		p.m.clientsRejected.Inc()
 		p.log.Debug("client outside --allow-clients", "port", port, "client", src.String())
+		reset(c)
+		return
+	}
+	if reason := p.overLimit(load); reason != "" {
+		// Counted, not logged: a flood of refusals must not become a
+		// flood of log lines.
+		p.m.connsRefused.WithLabelValues(reason).Inc()
 		reset(c)
 		return
 	}
@@ -60,12 +67,31 @@ func (p *PS) handleConn(port uint16, c net.Conn) {
 		reset(c)
 		return
 	}
-	_, _, err = relay.Join(relay.HalfClose(c), st, p.m.bytesToAgent, p.m.bytesFromAgent)
+	_, _, err = relay.JoinWith(relay.HalfClose(c), st, relay.Options{
+		AToB: p.m.bytesToAgent, BToA: p.m.bytesFromAgent, IdleTimeout: p.cfg.IdleTimeout,
+	})
 	var se *tunnel.StreamError
-	if errors.As(err, &se) {
+	switch {
+	case errors.Is(err, relay.ErrIdle):
+		p.m.idleClosed.Inc()
+	case errors.As(err, &se):
 		p.m.streamErrors.WithLabelValues(se.Code.String()).Inc()
 		s.log.Debug("agent refused stream", "target", b.target.String(), "client", src.String(), "code", se.Code.String(), "reason", se.Message)
 	}
+}
+
+// overLimit names the data-port limit that load exceeds (the reason label
+// of connsRefused), or returns "". An idle connection costs kilobytes
+// (internal/relay holds large buffers only while data flows), but it still
+// holds goroutines, sockets and a yamux stream: the caps bound how many.
+func (p *PS) overLimit(load connLoad) string {
+	switch {
+	case load.port > int64(p.cfg.MaxConnsPerPort):
+		return "port_limit"
+	case load.total > int64(p.cfg.MaxConns):
+		return "total_limit"
+	}
+	return ""
 }
 
 // reset closes c with a RST, so the client sees a refusal at once.

@@ -8,17 +8,28 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// connHandler is told "a connection arrived for local port P". It owns c.
-type connHandler func(port uint16, c net.Conn)
+// connHandler is told "a connection arrived for local port P", and how
+// loaded the data plane is with it. It owns c.
+type connHandler func(port uint16, c net.Conn, load connLoad)
+
+// connLoad is how many client connections the data plane was carrying
+// when it handed one out, that one included: on its port and on all
+// ports. The plane counts (it sees each connection's whole life, from
+// accept to the handler's return); the PS decides what is too many.
+type connLoad struct {
+	port, total int64
+}
 
 // dataPlane is the PS's accept path for client connections. The PS asks
 // it to start and stop accepting on ports; it calls the connHandler for
-// each connection. This is the whole interface, so that one socket steered
-// by an sk_lookup program can replace the per-port listeners below without
-// the rest of the PS noticing.
+// each connection, with the load counted until the handler returns. This
+// is the whole interface, so that one socket steered by an sk_lookup
+// program can replace the per-port listeners below without the rest of the
+// PS noticing.
 type dataPlane interface {
 	// Open starts accepting on port; an error means the port cannot be
 	// used (the OS refused the bind).
@@ -35,14 +46,25 @@ type listenerPlane struct {
 	handler connHandler
 	log     *slog.Logger
 
+	active atomic.Int64 // connections handed out and not yet returned
+
 	mu     sync.Mutex
-	lns    map[uint16]net.Listener
+	lns    map[uint16]*portListener
 	closed bool
 	wg     sync.WaitGroup
 }
 
+// portListener is one port's socket and the connections it handed out
+// that are still being handled. The count belongs to the listener, not to
+// the port number: connections accepted before a release do not count
+// against whoever the port serves next.
+type portListener struct {
+	ln     net.Listener
+	active atomic.Int64
+}
+
 func newListenerPlane(addr netip.Addr, h connHandler, log *slog.Logger) *listenerPlane {
-	return &listenerPlane{addr: addr, handler: h, log: log, lns: map[uint16]net.Listener{}}
+	return &listenerPlane{addr: addr, handler: h, log: log, lns: map[uint16]*portListener{}}
 }
 
 var errPlaneClosed = errors.New("data plane closed")
@@ -58,18 +80,19 @@ func (p *listenerPlane) Open(port uint16) error {
 		_ = ln.Close()
 		return errPlaneClosed
 	}
-	p.lns[port] = ln
+	pl := &portListener{ln: ln}
+	p.lns[port] = pl
 	p.wg.Add(1)
 	p.mu.Unlock()
-	go p.serve(port, ln)
+	go p.serve(port, pl)
 	return nil
 }
 
-func (p *listenerPlane) serve(port uint16, ln net.Listener) {
+func (p *listenerPlane) serve(port uint16, pl *portListener) {
 	defer p.wg.Done()
 	var delay time.Duration
 	for {
-		c, err := ln.Accept()
+		c, err := pl.ln.Accept()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -82,17 +105,24 @@ func (p *listenerPlane) serve(port uint16, ln net.Listener) {
 			continue
 		}
 		delay = 0
-		go p.handler(port, c)
+		load := connLoad{port: pl.active.Add(1), total: p.active.Add(1)}
+		go func() {
+			defer func() {
+				pl.active.Add(-1)
+				p.active.Add(-1)
+			}()
+			p.handler(port, c, load)
+		}()
 	}
 }
 
 func (p *listenerPlane) Release(port uint16) {
 	p.mu.Lock()
-	ln := p.lns[port]
+	pl := p.lns[port]
 	delete(p.lns, port)
 	p.mu.Unlock()
-	if ln != nil {
-		_ = ln.Close()
+	if pl != nil {
+		_ = pl.ln.Close()
 	}
 }
 
@@ -100,10 +130,10 @@ func (p *listenerPlane) Close() error {
 	p.mu.Lock()
 	p.closed = true
 	lns := p.lns
-	p.lns = map[uint16]net.Listener{}
+	p.lns = map[uint16]*portListener{}
 	p.mu.Unlock()
-	for _, ln := range lns {
-		_ = ln.Close()
+	for _, pl := range lns {
+		_ = pl.ln.Close()
 	}
 	p.wg.Wait()
 	return nil

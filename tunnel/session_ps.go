@@ -60,19 +60,60 @@ func RefuseCode(err error) Code {
 }
 
 // PSSession is the PS's end of an established tunnel: the PS opens one
-// stream per client connection.
+// stream per client connection, and the agent never opens any.
 type PSSession struct {
 	conn net.Conn
 	mux  *yamux.Session
 }
 
+// PSOption changes how NewPSSession runs a session.
+type PSOption func(*psOptions)
+
+type psOptions struct {
+	onAgentStream func()
+}
+
+// OnAgentStream makes f be called, once, when the session is closed
+// because the agent opened a stream (so the PS can count the violation).
+func OnAgentStream(f func()) PSOption {
+	return func(o *psOptions) { o.onAgentStream = f }
+}
+
 // NewPSSession starts the multiplexer on conn after a Welcome was sent.
-func NewPSSession(conn net.Conn, log *slog.Logger, window uint32) (*PSSession, error) {
+// log (may be nil) is the tunnel's logger.
+//
+// The protocol has only the PS open streams. Streams the agent opens would
+// wait in yamux's accept backlog (1,024 of them) with a receive window
+// each, hundreds of MB that nobody ever reads; so the first one closes the
+// whole session at once: the agent is broken or hostile.
+func NewPSSession(conn net.Conn, log *slog.Logger, window uint32, opts ...PSOption) (*PSSession, error) {
+	var o psOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	mux, err := yamux.Client(newCoalescingConn(conn), yamuxConfig(log, window))
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
 	}
-	return &PSSession{conn: conn, mux: mux}, nil
+	s := &PSSession{conn: conn, mux: mux}
+	go s.refuseAgentStreams(log, o.onAgentStream)
+	return s, nil
+}
+
+// refuseAgentStreams waits for a stream opened by the agent and closes the
+// session when one comes; it returns when the session ends.
+func (s *PSSession) refuseAgentStreams(log *slog.Logger, onViolation func()) {
+	st, err := s.mux.AcceptStream()
+	if err != nil {
+		return // the session ended
+	}
+	_ = s.mux.Close()
+	if log != nil {
+		log.Warn("closed the tunnel: the agent opened a stream towards the ps, which the protocol forbids", "stream_id", st.StreamID())
+	}
+	if onViolation != nil {
+		onViolation()
+	}
 }
 
 // Done is closed when the tunnel is gone.
