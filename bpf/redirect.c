@@ -10,6 +10,9 @@
  * socket-local storage, so it lives and dies with the socket (no LRU to evict
  * it early). The socket destroyer lives in destroy.c: it needs a kfunc of
  * Linux >= 6.5, and this object must load without it.
+ *
+ * The redirector's own sockets (its Redis client) are never redirected,
+ * even when it runs inside the cgroup it attaches to: see tether_self.
  */
 #include "tether.h"
 
@@ -22,6 +25,33 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tether_routes SEC(".maps");
 
+/*
+ * tether_self marks the redirector's own sockets: the redirector writes an
+ * entry for each socket it opens, keyed by the socket's fd, after socket()
+ * and before connect(), and redirect() leaves a marked socket alone.
+ * Otherwise a route whose target is the registry's address (registered by
+ * a hostile agent, say) would send the redirector's Redis client to that
+ * agent when the redirector runs inside its own cgroup.
+ *
+ * Socket-local storage rather than the alternatives:
+ *   - SO_MARK: a mark also steers policy routing, nftables and other
+ *     programs (kube-proxy, Cilium and Calico all claim mark bits), so any
+ *     fixed value can collide with what the host already does with marks;
+ *   - the redirector's PID: PIDs differ per PID namespace (a container) and
+ *     are reused, and the pinned programs outlive the process, so a stale
+ *     PID would exempt some other process.
+ * The storage lives and dies with the socket (nothing to clean up, nothing
+ * stale), changes nothing else about it, and only a process holding this
+ * map's fd (the redirector, which loaded it) can write it. It is not pinned:
+ * each redirector process marks its own sockets in the map its programs use.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} tether_self SEC(".maps");
+
 /* What redirect() decided for one connect(); see redirect(). */
 enum redirect_result {
 	REDIRECT_NO_ROUTE = -1,
@@ -33,7 +63,8 @@ enum redirect_result {
  * redirect looks the target addr:port up in tether_routes and picks one of
  * the route's live backends at random. It returns:
  *
- *   REDIRECT_NO_ROUTE (-1): the target has no route (COUNTER_NO_ROUTE);
+ *   REDIRECT_NO_ROUTE (-1): the target has no route (COUNTER_NO_ROUTE),
+ *     or the socket is the redirector's own (tether_self, not counted);
  *     nothing is written, and connect() goes to the target as dialed.
  *   REDIRECT_REFUSE (0): the target has a route but none of its backends is
  *     live, or the route changed while it was read (COUNTER_NO_BACKEND);
@@ -52,6 +83,12 @@ redirect(struct bpf_sock_addr *ctx, __be32 addr, __be16 port, __be32 *new_addr, 
 		count(COUNTER_NO_ROUTE);
 		return REDIRECT_NO_ROUTE;
 	}
+	/* Checked only for targets with a route, so connects elsewhere pay
+	 * nothing; and before the backends, so the redirector's own connect is
+	 * never refused either. No counter of its own: adding one would change
+	 * the pinned counter map's size and break in-place upgrades. */
+	if (bpf_sk_storage_get(&tether_self, ctx->sk, 0, 0))
+		return REDIRECT_NO_ROUTE;
 
 	__u32 live = 0;
 #pragma unroll

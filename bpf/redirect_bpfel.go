@@ -71,6 +71,7 @@ const (
 	RedirectMapTetherDead          = "tether_dead"
 	RedirectMapTetherOrigDst       = "tether_orig_dst"
 	RedirectMapTetherRoutes        = "tether_routes"
+	RedirectMapTetherSelf          = "tether_self"
 	RedirectProgTetherConnect4     = "tether_connect4"
 	RedirectProgTetherConnect6     = "tether_connect6"
 	RedirectProgTetherGetpeername4 = "tether_getpeername4"
@@ -138,6 +139,7 @@ type RedirectMapSpecs struct {
 	TetherDead     *ebpf.MapSpec `ebpf:"tether_dead"`
 	TetherOrigDst  *ebpf.MapSpec `ebpf:"tether_orig_dst"`
 	TetherRoutes   *ebpf.MapSpec `ebpf:"tether_routes"`
+	TetherSelf     *ebpf.MapSpec `ebpf:"tether_self"`
 }
 
 // RedirectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -175,6 +177,7 @@ type RedirectMaps struct {
 	TetherDead     *ebpf.Map `ebpf:"tether_dead"`
 	TetherOrigDst  *ebpf.Map `ebpf:"tether_orig_dst"`
 	TetherRoutes   *ebpf.Map `ebpf:"tether_routes"`
+	TetherSelf     *ebpf.Map `ebpf:"tether_self"`
 }
 
 func (m *RedirectMaps) Close() error {
@@ -183,6 +186,7 @@ func (m *RedirectMaps) Close() error {
 		m.TetherDead,
 		m.TetherOrigDst,
 		m.TetherRoutes,
+		m.TetherSelf,
 	)
 }
 

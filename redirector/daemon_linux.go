@@ -35,9 +35,16 @@ func New(cfg Config) (*Redirector, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	targets, err := cfg.targets()
+	if err != nil {
+		return nil, err
+	}
 	cg, err := ResolveCgroup(cfg.Cgroup)
 	if err != nil {
 		return nil, err
+	}
+	if IsRootCgroup(cg) {
+		log.Warn("--cgroup names the root of the cgroup2 mount: every process of the host is redirected (the redirector's own connections excepted)", "cgroup", cg)
 	}
 	in, err := Install(cfg.PinDir, cg, uint32(cfg.MapSize))
 	if err != nil {
@@ -48,13 +55,13 @@ func New(cfg Config) (*Redirector, error) {
 	} else {
 		log.Info("installed eBPF programs", "pin_dir", cfg.PinDir, "cgroup", cg)
 	}
-	reg, err := registry.New(registry.Config{URL: cfg.Redis, Prefix: cfg.RedisPrefix, Logger: log})
+	reg, err := registry.New(registryConfig(cfg, log, in))
 	if err != nil {
 		in.Close()
 		return nil, err
 	}
 	destroyer := newDestroyer(cfg.PinDir, cfg.forceNetlinkDestroy, log)
-	rec := NewReconciler(NewKernelRouteMap(in.objs.TetherRoutes), destroyer, log)
+	rec := NewReconciler(NewKernelRouteMap(in.objs.TetherRoutes), destroyer, log, WithTargets(targets))
 	mirror, err := registry.NewMirror(registry.MirrorConfig{
 		Registry: reg, Sink: rec, Resync: cfg.Resync, Logger: log, Metrics: cfg.Registerer,
 	})
@@ -72,6 +79,13 @@ func New(cfg Config) (*Redirector, error) {
 		}
 	}
 	return r, nil
+}
+
+// registryConfig is the config of the redirector's registry client. Every
+// Redis socket it opens must be marked with in.MarkOwnSocket before it
+// connects, so the redirector's programs never redirect it.
+func registryConfig(cfg Config, log *slog.Logger, in *Installation) registry.Config {
+	return registry.Config{URL: cfg.Redis, Prefix: cfg.RedisPrefix, Logger: log, Control: in.MarkOwnSocket}
 }
 
 // Ready is closed once the first full load has reached the map.
@@ -104,6 +118,8 @@ func (r *Redirector) collector() prometheus.Collector {
 	return &kernelCollector{r: r,
 		counters: prometheus.NewDesc("tether_redirector_bpf_events_total", "Events counted by the eBPF programs, by kind.", []string{"kind"}, nil),
 		routes:   prometheus.NewDesc("tether_redirector_routes", "Routes in the kernel route map.", nil, nil),
+		skipped: prometheus.NewDesc("tether_redirector_routes_skipped_total",
+			"Route targets kept out of the kernel map, by reason (not_ipv4, target_not_allowed); each target counts once.", []string{"reason"}, nil),
 	}
 }
 
@@ -111,9 +127,14 @@ type kernelCollector struct {
 	r        *Redirector
 	counters *prometheus.Desc
 	routes   *prometheus.Desc
+	skipped  *prometheus.Desc
 }
 
-func (c *kernelCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.counters; ch <- c.routes }
+func (c *kernelCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.counters
+	ch <- c.routes
+	ch <- c.skipped
+}
 
 func (c *kernelCollector) Collect(ch chan<- prometheus.Metric) {
 	if m, err := Counters(c.r.in.objs.TetherCounters); err == nil {
@@ -122,4 +143,7 @@ func (c *kernelCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(c.routes, prometheus.GaugeValue, float64(c.r.rec.Entries()))
+	for reason, n := range c.r.rec.Skipped() {
+		ch <- prometheus.MustNewConstMetric(c.skipped, prometheus.CounterValue, float64(n), reason)
+	}
 }

@@ -99,15 +99,16 @@ func EnsureBPFFS(dir string) error {
 	return nil
 }
 
-// ResolveCgroup returns the absolute cgroup v2 directory to attach to: path,
-// or the root of the cgroup2 mount when path is empty.
+// ResolveCgroup returns the absolute cgroup v2 directory to attach to:
+// path, taken relative to the cgroup2 mount unless absolute. It is
+// required: there is no default (see Config.Cgroup).
 func ResolveCgroup(path string) (string, error) {
+	if path == "" {
+		return "", errNoCgroup
+	}
 	mnt, err := cgroup2.Mount()
 	if err != nil {
 		return "", err
-	}
-	if path == "" {
-		return mnt, nil
 	}
 	if !filepath.IsAbs(path) {
 		path = filepath.Join(mnt, path)
@@ -124,6 +125,19 @@ func ResolveCgroup(path string) (string, error) {
 		return "", fmt.Errorf("cgroup %s is not in the cgroup v2 hierarchy (mounted at %s)", path, mnt)
 	}
 	return path, nil
+}
+
+// IsRootCgroup reports whether path is the root of the cgroup2 mount, the
+// cgroup of every process of the host (or of the cgroup namespace). The
+// same directory reached by another name counts too.
+func IsRootCgroup(path string) bool {
+	mnt, err := cgroup2.Mount()
+	if err != nil {
+		return false
+	}
+	a, errA := os.Stat(path)
+	b, errB := os.Stat(mnt)
+	return errA == nil && errB == nil && os.SameFile(a, b)
 }
 
 // Install loads the programs, pins their maps and attaches them to cgroup,

@@ -7,9 +7,11 @@ import (
 	"log/slog"
 	"net/netip"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/tether-net/tether/bpf"
+	"github.com/tether-net/tether/internal/cidr"
 	"github.com/tether-net/tether/registry"
 )
 
@@ -42,12 +44,31 @@ type Destroyer interface {
 	Destroy(ctx context.Context, backends []netip.AddrPort) (int, error)
 }
 
+// Why a route is kept out of the map: the reason label of
+// tether_redirector_routes_skipped_total.
+const (
+	// SkipNotIPv4: the connect hooks redirect IPv4 and IPv4-mapped targets.
+	SkipNotIPv4 = "not_ipv4"
+	// SkipTargetNotAllowed: the target is outside --target-cidrs, or in a
+	// special range (loopback, link-local, ...) that --target-cidrs does
+	// not name (cidr.List.Permits).
+	SkipTargetNotAllowed = "target_not_allowed"
+)
+
+// maxRemembered bounds the targets the reconciler remembers having
+// skipped (a hostile registry could hold millions): up to it, each target
+// is logged and counted once; past it, skips are counted every time they
+// happen and no longer logged one by one.
+const maxRemembered = 100000
+
 // Reconciler turns the registry mirror's desired state into route map
 // operations. It implements registry.Sink.
 type Reconciler struct {
 	m       RouteMap
 	destroy Destroyer // may be nil
 	log     *slog.Logger
+	// targets is the operator's --target-cidrs; see WithTargets.
+	targets cidr.List
 
 	mu sync.Mutex
 	// live is the set of backend addresses some route currently holds as
@@ -55,15 +76,49 @@ type Reconciler struct {
 	// the sockets redirected to it are destroyed.
 	live    map[netip.AddrPort]int
 	entries int
-	skipped int
+	// skipped counts skips by reason; remembered holds the targets already
+	// logged and counted (up to maxRemembered).
+	skipped        map[string]uint64
+	remembered     map[netip.AddrPort]struct{}
+	overflowLogged bool
+}
+
+// ReconcilerOption configures a Reconciler.
+type ReconcilerOption func(*Reconciler)
+
+// WithTargets sets the targets whose routes may enter the map (the
+// redirector's --target-cidrs). Without it, or with an empty list, every
+// target is allowed except those in special ranges (loopback, link-local,
+// unspecified, multicast, broadcast); a special target is allowed only when
+// a prefix of l lying inside its special range holds it (cidr.List.Permits).
+func WithTargets(l cidr.List) ReconcilerOption {
+	return func(r *Reconciler) { r.targets = l }
 }
 
 // NewReconciler returns a reconciler writing to m; destroy may be nil.
-func NewReconciler(m RouteMap, destroy Destroyer, log *slog.Logger) *Reconciler {
+func NewReconciler(m RouteMap, destroy Destroyer, log *slog.Logger, opts ...ReconcilerOption) *Reconciler {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Reconciler{m: m, destroy: destroy, log: log, live: map[netip.AddrPort]int{}}
+	r := &Reconciler{m: m, destroy: destroy, log: log, live: map[netip.AddrPort]int{},
+		skipped: map[string]uint64{SkipNotIPv4: 0, SkipTargetNotAllowed: 0}, remembered: map[netip.AddrPort]struct{}{}}
+	for _, o := range opts {
+		o(r)
+	}
+	return r
+}
+
+// Skipped returns how many targets were kept out of the map, by reason
+// (SkipNotIPv4, SkipTargetNotAllowed). Each target counts once, however
+// many resyncs see it (past maxRemembered targets, once per sighting).
+func (r *Reconciler) Skipped() map[string]uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[string]uint64, len(r.skipped))
+	for k, v := range r.skipped {
+		out[k] = v
+	}
+	return out
 }
 
 var _ registry.Sink = (*Reconciler)(nil)
@@ -208,20 +263,18 @@ func (r *Reconciler) encodeAll(routes []registry.RouteState) ([]bpf.RedirectRout
 }
 
 // encode turns a route into its map key and value; a nil value means the
-// route has no backend and must be deleted. ok is false for a target the
-// map cannot hold (not IPv4).
+// route has no backend and must be deleted. ok is false for a target that
+// must not enter the map (see refusal); the route is then neither written
+// nor deleted (a full load removes it, should an older policy have let it
+// in).
 func (r *Reconciler) encode(rs registry.RouteState) (bpf.RedirectRouteKey, *bpf.RedirectRouteValue, bool) {
-	k, ok := EncodeKey(rs.Target)
-	if !ok {
-		r.mu.Lock()
-		r.skipped++
-		first := r.skipped == 1
-		r.mu.Unlock()
-		if first {
-			r.log.Warn("skipping a route whose target is not IPv4 (the connect hooks redirect IPv4 and IPv4-mapped targets)", "target", rs.Target.String())
+	if reason := r.refusal(rs.Target); reason != "" {
+		if len(rs.Backends) > 0 { // a withdrawal of a skipped route is no news
+			r.skip(rs.Target, reason)
 		}
-		return k, nil, false
+		return bpf.RedirectRouteKey{}, nil, false
 	}
+	k, _ := EncodeKey(rs.Target)
 	if len(rs.Backends) == 0 {
 		return k, nil, true
 	}
@@ -242,6 +295,47 @@ func (r *Reconciler) encode(rs registry.RouteState) (bpf.RedirectRouteKey, *bpf.
 		return k, nil, true
 	}
 	return k, &v, true
+}
+
+// refusal returns why target's route must stay out of the map, or "".
+func (r *Reconciler) refusal(target netip.AddrPort) string {
+	a := target.Addr().Unmap()
+	switch {
+	case !a.Is4():
+		return SkipNotIPv4
+	case !r.targets.Permits(a):
+		return SkipTargetNotAllowed
+	}
+	return ""
+}
+
+// skip counts and logs a skipped target, once per target: the anti-entropy
+// resync sees every route again each period, and a warning per resync
+// would drown the log.
+func (r *Reconciler) skip(target netip.AddrPort, reason string) {
+	r.mu.Lock()
+	if _, seen := r.remembered[target]; seen {
+		r.mu.Unlock()
+		return
+	}
+	r.skipped[reason]++
+	remember := len(r.remembered) < maxRemembered
+	if remember {
+		r.remembered[target] = struct{}{}
+	}
+	overflow := !remember && !r.overflowLogged
+	r.overflowLogged = r.overflowLogged || overflow
+	r.mu.Unlock()
+	switch {
+	case overflow:
+		r.log.Warn("skipping routes of more targets than are logged one by one; see tether_redirector_routes_skipped_total", "logged", maxRemembered)
+	case !remember:
+	case reason == SkipNotIPv4:
+		r.log.Warn("skipping a route whose target is not IPv4 (the connect hooks redirect IPv4 and IPv4-mapped targets)", "target", target.String())
+	default:
+		r.log.Warn("skipping a route whose target --target-cidrs does not allow (loopback, link-local, unspecified, multicast and broadcast targets only when --target-cidrs names a range inside them)",
+			"target", target.String(), "target_cidrs", strings.Join(r.targets.Strings(), ","))
+	}
 }
 
 func stateOf(b registry.BackendState) uint8 {

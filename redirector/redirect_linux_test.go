@@ -177,16 +177,33 @@ func TestAWithdrawnRouteIsNoLongerRedirected(t *testing.T) {
 	}
 }
 
+// testTargetCIDRs names the loopback range of the tests' agents: loopback
+// targets are redirected only when named.
+const testTargetCIDRs = "127.77.0.0/16"
+
 // startRedirectorProc runs `tether redirector` on the stack; the test ends
 // it (by kill, if it still runs) and shows its log when it failed.
 func (s *stack) startRedirectorProc() *exec.Cmd {
+	cmd, _ := s.startRedirectorCmd(false, "--target-cidrs", testTargetCIDRs)
+	return cmd
+}
+
+// startRedirectorCmd runs `tether redirector` on the stack with extra
+// flags, inside the test cgroup when inCgroup is set.
+func (s *stack) startRedirectorCmd(inCgroup bool, extra ...string) (*exec.Cmd, *tunneltest.LogBuf) {
 	t := s.t
 	t.Helper()
-	cmd := exec.Command(tetherBin, "redirector", "--redis", s.redis.URL(), "--cgroup", s.cg.Path,
-		"--pin-dir", s.pinDir, "--map-size", "10000")
+	cmd := exec.Command(tetherBin, append([]string{"redirector", "--redis", s.redis.URL(), "--cgroup", s.cg.Path,
+		"--pin-dir", s.pinDir, "--map-size", "10000"}, extra...)...)
 	log := &tunneltest.LogBuf{}
 	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
+	done := func() {}
+	if inCgroup {
+		done = s.cg.Command(t, cmd)
+	}
+	err := cmd.Start()
+	done()
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -196,7 +213,7 @@ func (s *stack) startRedirectorProc() *exec.Cmd {
 			t.Logf("redirector (pid %d) log:\n%s", cmd.Process.Pid, log.String())
 		}
 	})
-	return cmd
+	return cmd, log
 }
 
 func TestRedirectorRestartDropsNoConnection(t *testing.T) {

@@ -8,13 +8,16 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tether-net/tether/internal/cidr"
 )
 
 // Config configures the redirector daemon.
 type Config struct {
 	Redis       string        `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
 	RedisPrefix string        `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
-	Cgroup      string        `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory to attach to (default: the root of the cgroup2 mount)"`
+	Cgroup      string        `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory whose processes are redirected (required; the root of the cgroup2 mount, i.e. every process of the host, only when named)"`
+	TargetCIDRs []string      `yaml:"target-cidrs" flag:"target-cidrs" usage:"destinations that may be redirected (default: any but loopback, link-local, unspecified, multicast; those only when a range inside them is named, e.g. 127.77.0.0/16)"`
 	PinDir      string        `yaml:"pin-dir" flag:"pin-dir" usage:"bpffs directory for the pinned maps and links"`
 	Resync      time.Duration `yaml:"resync" flag:"resync" usage:"anti-entropy period: a full reload of the registry"`
 	MapSize     int           `yaml:"map-size" flag:"map-size" usage:"capacity of the route map (routes)"`
@@ -38,11 +41,22 @@ func DefaultConfig() Config {
 	}
 }
 
+// errNoCgroup is the one-line answer to a missing --cgroup. There is no
+// default: the root of the cgroup2 mount would redirect every process of
+// the host, which must be asked for by name.
+var errNoCgroup = errors.New("--cgroup is required: the cgroup v2 directory whose processes are redirected, e.g. --cgroup /sys/fs/cgroup/unified/clients")
+
 // Validate checks the config and names what is wrong.
 func (c *Config) Validate() error {
 	var errs []error
 	if c.Redis == "" {
 		errs = append(errs, errors.New("--redis is required"))
+	}
+	if c.Cgroup == "" {
+		errs = append(errs, errNoCgroup)
+	}
+	if _, err := c.targets(); err != nil {
+		errs = append(errs, err)
 	}
 	if !filepath.IsAbs(c.PinDir) {
 		errs = append(errs, fmt.Errorf("--pin-dir %q must be an absolute path on bpffs", c.PinDir))
@@ -54,6 +68,15 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("--map-size %d is out of range 1-%d", c.MapSize, 1<<26))
 	}
 	return errors.Join(errs...)
+}
+
+// targets parses TargetCIDRs.
+func (c *Config) targets() (cidr.List, error) {
+	l, err := cidr.Parse(c.TargetCIDRs)
+	if err != nil {
+		return nil, fmt.Errorf("--target-cidrs: %w", err)
+	}
+	return l, nil
 }
 
 // Status is what `tether redirector status` prints, read from the pins.

@@ -219,13 +219,17 @@ func newStack(t *testing.T) *stack {
 	httpAddr := startHTTP(t, "agent-a1")
 	echoAddr := startEcho(t)
 	var servers []string
+	// Credentials as in production: the test token for any agent id, and
+	// the agents' loopback range named, as loopback is refused unless named.
+	tokens := tunneltest.WriteTokens(t, tunneltest.Token+" * "+tunneltest.AgentRange+"\n")
 	for i := range 2 {
 		listen := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
 		servers = append(servers, listen)
 		var log bytes.Buffer
 		cmd := exec.Command(tetherBin, "ps", "--id", fmt.Sprintf("ps%d", i+1), "--listen", listen,
 			"--advertise", "127.0.0.1", "--ports", tunneltest.FreeRange(t, 20), "--redis", s.redis.URL(),
-			"--lease", "2s", "--renew", "400ms", "--drain-timeout", "1s")
+			"--lease", "2s", "--renew", "400ms", "--drain-timeout", "1s",
+			"--token-file", tokens, "--agent-cidrs", tunneltest.AgentRange)
 		cmd.Stdout, cmd.Stderr = &log, &log
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -260,6 +264,7 @@ func (s *stack) startRedirector(mods ...func(*redirector.Config)) *tunneltest.Lo
 	cfg := redirector.DefaultConfig()
 	cfg.Redis = s.redis.URL()
 	cfg.Cgroup = s.cg.Path
+	cfg.TargetCIDRs = []string{testTargetCIDRs}
 	cfg.PinDir = s.pinDir
 	cfg.MapSize = 10000
 	log, lb := tunneltest.NewLog(s.t, "redirector")

@@ -14,18 +14,29 @@ import (
 func newRedirectorCmd(g *globalFlags) *cobra.Command {
 	cfg := redirector.DefaultConfig()
 	cmd := &cobra.Command{
-		Use:   "redirector --redis URL [--cgroup PATH] [--pin-dir DIR]",
+		Use:   "redirector --redis URL --cgroup PATH [--target-cidrs CIDRS] [--pin-dir DIR]",
 		Short: "Redirect connect() to agents, in the kernel, for every process in a cgroup",
 		Long: `redirector loads tether's eBPF programs, attaches them to a cgroup v2 and keeps
 their route map in sync with the registry. A process in that cgroup that
 connects to an agent endpoint with a route (TCP, IPv4 or IPv4-mapped IPv6) is
 sent to a live PS backend instead; getpeername() still shows the agent.
 
+--cgroup is required. The root of the cgroup2 mount (every process of the
+host) is allowed when named, with a warning. The redirector's own connections
+(its Redis client) are never redirected, even inside that cgroup.
+
+--target-cidrs limits the destinations that may be redirected. By default any
+address may be, except loopback, link-local, unspecified, multicast and
+broadcast ones: those only when --target-cidrs names a range inside them
+(127.77.0.0/16 names 127.77.0.1; 0.0.0.0/0 names no loopback address). A route
+whose target is not allowed is kept out of the kernel map, logged once and
+counted in tether_redirector_routes_skipped_total.
+
 Maps and links are pinned under --pin-dir: stopping or restarting the
 redirector never stops redirection (a restart swaps the programs atomically on
 the pinned links). "tether redirector uninstall" removes everything.`,
-		Example: `  tether redirector --redis redis://10.0.0.5:6379/0
-  tether redirector --redis redis://127.0.0.1:6379/0 --cgroup /sys/fs/cgroup/unified/clients`,
+		Example: `  tether redirector --redis redis://10.0.0.5:6379/0 --cgroup /sys/fs/cgroup/unified/clients
+  tether redirector --redis redis://127.0.0.1:6379/0 --cgroup /sys/fs/cgroup/unified --target-cidrs 10.0.0.0/8,127.77.0.0/16`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runDaemon(cmd, g, &cfg, &cfg.Metrics, func(log *slog.Logger, reg *prometheus.Registry) (runner, error) {
@@ -42,7 +53,7 @@ the pinned links). "tether redirector uninstall" removes everything.`,
 
 type pinConfig struct {
 	PinDir string `yaml:"pin-dir" flag:"pin-dir" usage:"bpffs directory of the pinned maps and links"`
-	Cgroup string `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory the programs are attached to"`
+	Cgroup string `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory the programs are attached to (optional: checked only)"`
 	Output string `yaml:"-"`
 }
 
@@ -78,15 +89,19 @@ func newRedirectorStatusCmd(g *globalFlags) *cobra.Command {
 func newRedirectorUninstallCmd(g *globalFlags) *cobra.Command {
 	cfg := pinConfig{PinDir: redirector.DefaultConfig().PinDir}
 	cmd := &cobra.Command{
-		Use:   "uninstall --cgroup PATH [--pin-dir DIR]",
+		Use:   "uninstall [--pin-dir DIR] [--cgroup PATH]",
 		Short: "Detach the programs and remove every pin the redirector made",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := cliconfig.Resolve(cmd.Flags(), g.config, &cfg); err != nil {
 				return err
 			}
-			if _, err := redirector.ResolveCgroup(cfg.Cgroup); err != nil {
-				return err
+			// The pinned links know their cgroup; --cgroup, when given,
+			// is only checked, so that a typo is not silently accepted.
+			if cfg.Cgroup != "" {
+				if _, err := redirector.ResolveCgroup(cfg.Cgroup); err != nil {
+					return err
+				}
 			}
 			if err := redirector.Uninstall(cfg.PinDir); err != nil {
 				return err
