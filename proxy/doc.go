@@ -3,4 +3,7 @@
 // (CONNECT tunnels and plain absolute-URL forwarding) that look targets up in
 // the same in-memory route table the redirector keeps (registry.Mirror) and
 // dial one of their live PS backends, trying the other if the first refuses.
+// It also owns the proxy's safe defaults: no listener beyond loopback without
+// --auth-file or --allow-clients, and a --passthrough that never reaches the
+// proxy host itself (passthrough.go).
 package proxy

@@ -14,8 +14,16 @@ import (
 	"time"
 )
 
-// maxHeaderBytes bounds a request's header block.
-const maxHeaderBytes = 16 << 10
+// Bounds on what an HTTP client may make the proxy hold.
+const (
+	// maxHeaderBytes bounds a request's header block.
+	maxHeaderBytes = 16 << 10
+	// readHeaderTimeout bounds the wait for a request's header block.
+	readHeaderTimeout = 10 * time.Second
+	// idleTimeout closes a keep-alive connection left idle between
+	// requests (CONNECT tunnels are hijacked and not bound by it).
+	idleTimeout = 2 * time.Minute
+)
 
 func (p *Proxy) serveHTTP(ctx context.Context, ln net.Listener) error {
 	transport := &http.Transport{
@@ -56,17 +64,27 @@ func (p *Proxy) serveHTTP(ctx context.Context, ln net.Listener) error {
 			}
 			switch {
 			case r.Method == http.MethodConnect:
+				r, done := outliveHalfClose(ctx, r)
+				defer done()
 				p.handleConnect(w, r)
 			case r.URL.IsAbs() && r.URL.Scheme == "http":
 				p.metrics.requests.WithLabelValues("http", "forwarded").Inc()
+				r, done := outliveHalfClose(ctx, r)
+				defer done()
 				forward.ServeHTTP(w, r)
 			default:
+				// Origin-form ("GET /"), "OPTIONS *", https:// URLs: the
+				// proxy serves no resource of its own.
 				p.metrics.requests.WithLabelValues("http", "bad_request").Inc()
 				http.Error(w, "tether proxy: want CONNECT host:port or an absolute http:// URL", http.StatusBadRequest)
 			}
 		}),
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       idleTimeout,
 		MaxHeaderBytes:    maxHeaderBytes,
+		// net/http answers "OPTIONS *" itself with 200 unless told not to:
+		// the handler refuses it like any request that names no target.
+		DisableGeneralOptionsHandler: true,
 	}
 	go func() {
 		<-ctx.Done()
@@ -78,6 +96,20 @@ func (p *Proxy) serveHTTP(ctx context.Context, ln net.Listener) error {
 		return fmt.Errorf("http proxy: %w", err)
 	}
 	return nil
+}
+
+// outliveHalfClose returns r with a context that a client's half-close does
+// not cancel. net/http cancels a request's context as soon as a read from
+// its client hits EOF, but a client may shut its write side once the
+// request is sent (printf ... | nc -N) and still wait for the answer. The
+// new context ends when done is called (the handler returns) or the proxy
+// stops; a client gone for good is noticed when a write to it fails, and
+// the wait before that is bounded by the dial timeout and the transport's
+// ResponseHeaderTimeout.
+func outliveHalfClose(run context.Context, r *http.Request) (*http.Request, func()) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+	stop := context.AfterFunc(run, cancel)
+	return r.WithContext(ctx), func() { stop(); cancel() }
 }
 
 // targetsOf resolves "host:port".
@@ -151,6 +183,8 @@ func httpStatus(err error) (int, string) {
 	switch {
 	case errors.Is(err, ErrNoRoute):
 		return http.StatusForbidden, "no_route"
+	case errors.Is(err, ErrForbidden):
+		return http.StatusForbidden, "passthrough_forbidden"
 	case errors.Is(err, ErrNoLiveBackend):
 		return http.StatusServiceUnavailable, "unreachable"
 	case errors.Is(err, ErrResolve):

@@ -14,6 +14,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -46,8 +47,13 @@ type Proxy struct {
 	mirror  *registry.Mirror // nil when routes was injected
 	reg     *registry.Registry
 	allow   cidr.List
+	pass    passthroughPolicy
 	users   map[string]string
 	metrics metrics
+
+	// dialControl, when set, vets every address dialed (tests keep their
+	// traffic on loopback with it, even when a check fails).
+	dialControl func(network, address string, c syscall.RawConn) error
 
 	mu        sync.Mutex
 	listeners map[string]net.Addr
@@ -58,6 +64,8 @@ type metrics struct {
 	requests *prometheus.CounterVec
 	rejected prometheus.Counter
 	open     prometheus.Gauge
+	// passRefused counts targets --passthrough refused, by reason.
+	passRefused *prometheus.CounterVec
 }
 
 // New builds the proxy and its registry mirror.
@@ -92,7 +100,12 @@ func newWithLookup(cfg Config, routes Lookup) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
+	passAllow, err := cidr.Parse(cfg.PassthroughCIDRs)
+	if err != nil {
+		return nil, err
+	}
 	p := &Proxy{cfg: cfg, log: cfg.Logger, routes: routes, allow: allow, listeners: map[string]net.Addr{}, ready: make(chan struct{})}
+	p.pass = passthroughPolicy{allow: passAllow, host: newHostAddrs()}
 	if cfg.AuthFile != "" {
 		if p.users, err = readUsers(cfg.AuthFile); err != nil {
 			return nil, err
@@ -102,9 +115,15 @@ func newWithLookup(cfg Config, routes Lookup) (*Proxy, error) {
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_proxy_requests_total", Help: "Proxy requests by protocol and result."}, []string{"protocol", "result"}),
 		rejected: prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_proxy_clients_rejected_total", Help: "Connections closed because their source is outside --allow-clients."}),
 		open:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_proxy_connections_open", Help: "Proxied connections currently open."}),
+		passRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_proxy_passthrough_refused_total",
+			Help: "Targets without a route that --passthrough refused to dial, by reason (loopback, link_local, unspecified, multicast, broadcast, own_address, outside_cidrs, host_addresses_unknown)."}, []string{"reason"}),
+	}
+	// Every reason is exported from the start, at zero.
+	for _, r := range passthroughReasons {
+		p.metrics.passRefused.WithLabelValues(r)
 	}
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{p.metrics.requests, p.metrics.rejected, p.metrics.open} {
+		for _, c := range []prometheus.Collector{p.metrics.requests, p.metrics.rejected, p.metrics.open, p.metrics.passRefused} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("register proxy metrics: %w", err)
 			}
@@ -173,13 +192,16 @@ func (p *Proxy) Run(ctx context.Context) error {
 			continue
 		}
 		ln, err := net.Listen("tcp", l.addr)
+		if err == nil {
+			lns = append(lns, ln)
+			err = p.cfg.checkExposure("--"+l.name, ln.Addr().String(), len(p.allow) > 0)
+		}
 		if err != nil {
 			for _, o := range lns {
 				o.Close()
 			}
 			return fmt.Errorf("listen %s on %s: %w", l.name, l.addr, err)
 		}
-		lns = append(lns, ln)
 		p.mu.Lock()
 		p.listeners[l.name] = ln.Addr()
 		p.mu.Unlock()
@@ -257,10 +279,10 @@ func resolve(ctx context.Context, host string, port uint16) ([]netip.AddrPort, e
 }
 
 // dial connects to the first of targets that has a route (or, with
-// --passthrough, to the target itself), trying each live backend in random
-// order until one accepts.
+// --passthrough, to the targets themselves), trying each live backend in
+// random order until one accepts.
 func (p *Proxy) dial(ctx context.Context, targets []netip.AddrPort) (net.Conn, netip.AddrPort, error) {
-	d := net.Dialer{Timeout: p.cfg.DialTimeout}
+	d := net.Dialer{Timeout: p.cfg.DialTimeout, Control: p.dialControl}
 	for _, t := range targets {
 		backends, ok := p.routes.Lookup(t)
 		if !ok {
@@ -288,16 +310,37 @@ func (p *Proxy) dial(ctx context.Context, targets []netip.AddrPort) (net.Conn, n
 		return nil, t, fmt.Errorf("%s: %w: %w", t, ErrRefused, errors.Join(errs...))
 	}
 	if p.cfg.Passthrough && len(targets) > 0 {
-		c, err := d.DialContext(ctx, "tcp", targets[0].String())
-		if err != nil {
-			return nil, targets[0], fmt.Errorf("%s (passthrough): %w: %w", targets[0], ErrRefused, err)
-		}
-		return c, targets[0], nil
+		return p.dialPassthrough(ctx, &d, targets)
 	}
 	if len(targets) == 0 {
 		return nil, netip.AddrPort{}, ErrNoRoute
 	}
 	return nil, targets[0], fmt.Errorf("%s: %w", targets[0], ErrNoRoute)
+}
+
+// dialPassthrough dials targets without a route directly, in order, once
+// every one of them has passed the passthrough policy: a name is refused
+// when any of its addresses is, and the address dialed is the one checked
+// (an IP literal: nothing is resolved again).
+func (p *Proxy) dialPassthrough(ctx context.Context, d *net.Dialer, targets []netip.AddrPort) (net.Conn, netip.AddrPort, error) {
+	checked := make([]netip.AddrPort, len(targets))
+	for i, t := range targets {
+		t = netip.AddrPortFrom(t.Addr().Unmap().WithZone(""), t.Port())
+		if reason := p.pass.check(t.Addr()); reason != "" {
+			p.metrics.passRefused.WithLabelValues(reason).Inc()
+			return nil, t, fmt.Errorf("%s: %w: %s", t, ErrForbidden, describe(reason))
+		}
+		checked[i] = t
+	}
+	var errs []error
+	for _, t := range checked {
+		c, err := d.DialContext(ctx, "tcp", t.String())
+		if err == nil {
+			return c, t, nil
+		}
+		errs = append(errs, err)
+	}
+	return nil, checked[0], fmt.Errorf("%s (passthrough): %w: %w", checked[0], ErrRefused, errors.Join(errs...))
 }
 
 // splice carries a (the client) and b (the upstream) both ways until both

@@ -23,10 +23,11 @@ import (
 )
 
 // stack: a real Redis, two PS nodes and an agent exposing 127.77.0.1:9100
-// (nothing listens there) and 127.0.0.1:<port> for name lookups, both
-// answering "agent-a1"; and the proxy, with both listeners.
+// (nothing listens there), a route for 127.0.0.1:<port> for name lookups,
+// both answering "agent-a1"; and the proxy, with both listeners.
 type stack struct {
 	reg       *registry.Registry
+	redis     string // the registry's host:port
 	socks     string
 	http      string
 	localPort int
@@ -38,7 +39,7 @@ const target = "127.77.0.1:9100"
 func newStack(t *testing.T, mod func(*Config)) *stack {
 	t.Helper()
 	rd := testutil.StartRedis(t)
-	s := &stack{reg: tunneltest.NewRegistry(t, rd.URL())}
+	s := &stack{reg: tunneltest.NewRegistry(t, rd.URL()), redis: rd.Addr()}
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "agent-a1") })}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -53,12 +54,21 @@ func newStack(t *testing.T, mod func(*Config)) *stack {
 		servers = append(servers, n.Addr)
 	}
 	tunneltest.StartAgent(t, "a1", "127.77.0.1", servers, []string{"9100=" + ln.Addr().String()}, nil)
-	// A second agent whose IP is 127.0.0.1, so that "localhost" names a
-	// target with a route.
+	// A route for 127.0.0.1:<localPort>, so that "localhost" names a target
+	// with a route. No agent may expose an address of the PS's own host, so
+	// it is written into the registry directly, as a PS would, its backend
+	// the service itself.
 	s.localPort = testutil.FreePort(t)
-	tunneltest.StartAgent(t, "a-local", "127.0.0.1", servers, []string{fmt.Sprintf("%d=%s", s.localPort, ln.Addr())}, nil)
+	ctx := context.Background()
+	local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(s.localPort))
+	if err := s.reg.RenewPS(ctx, registry.PSLease{ID: "ps-local", Addr: local.Addr(), State: registry.PSActive, ExpiresAt: time.Now().Add(10 * time.Minute)}); err != nil {
+		t.Fatal(err)
+	}
+	if errs, err := s.reg.Publish(ctx, "ps-local", []registry.Publication{{Target: local, Port: uint16(ln.Addr().(*net.TCPAddr).Port), AgentID: "a-local"}}); err != nil || errs[0] != nil {
+		t.Fatal(err, errs)
+	}
 	tunneltest.WaitBackends(t, s.reg, netip.MustParseAddrPort(target), 2)
-	tunneltest.WaitBackends(t, s.reg, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(s.localPort)), 2)
+	tunneltest.WaitBackends(t, s.reg, local, 1)
 
 	cfg := DefaultConfig()
 	cfg.Redis = rd.URL()
@@ -73,7 +83,8 @@ func newStack(t *testing.T, mod func(*Config)) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	p.dialControl = loopbackOnly
+	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { _ = p.Run(ctx); close(done) }()
 	t.Cleanup(func() {

@@ -190,6 +190,8 @@ func (p *Proxy) handleSOCKS(ctx context.Context, c net.Conn) {
 		switch {
 		case errors.Is(err, ErrNoRoute):
 			rep, result = repNotAllowed, "no_route"
+		case errors.Is(err, ErrForbidden):
+			rep, result = repNotAllowed, "passthrough_forbidden"
 		case errors.Is(err, ErrNoLiveBackend), errors.Is(err, ErrResolve):
 			rep, result = repHostUnreachable, "unreachable"
 		case errors.Is(err, ErrRefused):
