@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tether-net/tether/agent"
+	"github.com/tether-net/tether/internal/cliconfig"
 	tu "github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/internal/tunneltest"
 	"github.com/tether-net/tether/ps"
@@ -94,7 +95,7 @@ func TestAllowClientsAndAgentCIDRs(t *testing.T) {
 		t.Fatalf("the refused endpoint has a route: %+v, %v", rt, err)
 	}
 	tu.Eventually(t, 5*time.Second, "the refused exposure is logged", func() error {
-		if !strings.Contains(ps.Log.String(), "endpoint 127.99.0.9:80 is outside the ps's --agent-cidrs") {
+		if !strings.Contains(ps.Log.String(), "endpoint 127.99.0.9 is in the loopback range, exposed only when the ps's --agent-cidrs names it") {
 			return errors.New("not logged")
 		}
 		return nil
@@ -137,7 +138,8 @@ func TestTLSTunnelsEndToEnd(t *testing.T) {
 	})
 	r := tunneltest.NewRegistry(t, rd.URL())
 	srv := tunneltest.IdentityServer(t, "tls-agent")
-	tunneltest.StartAgent(t, "a1", "127.77.0.4", []string{ps.Addr}, []string{"9100=" + srv}, func(c *agent.Config) {
+	// The test PKI's client certificate speaks for agent id "agent".
+	tunneltest.StartAgent(t, "agent", "127.77.0.4", []string{ps.Addr}, []string{"9100=" + srv}, func(c *agent.Config) {
 		c.Tunnels = 1
 		c.TLSCert, c.TLSKey, c.TLSCA = pki.ClientCert, pki.ClientKey, pki.CA
 	})
@@ -169,4 +171,43 @@ func TestTLSTunnelsEndToEnd(t *testing.T) {
 	if _, err := r.Get(context.Background(), netip.MustParseAddrPort("127.77.0.5:9100")); err == nil {
 		t.Fatal("an agent without a client certificate got a route")
 	}
+}
+
+// Without credentials a PS does not start, unless --insecure says so; an
+// insecure PS accepts agents without a token and says so in its metrics.
+func TestInsecureMustBeExplicit(t *testing.T) {
+	cfg := ps.DefaultConfig()
+	cfg.ID, cfg.Advertise, cfg.Redis = "ps1", "127.0.0.1", "redis://127.0.0.1:1/0"
+	t.Setenv(cliconfig.TokenEnv, "")
+	if _, err := ps.New(cfg); err == nil || !strings.Contains(err.Error(), "no agent credentials") {
+		t.Fatalf("a ps without credentials: %v, want an error naming the missing credentials", err)
+	}
+	cfg.Insecure, cfg.TokenFile = true, tunneltest.WriteTokens(t, "tok *\n")
+	if _, err := ps.New(cfg); err == nil || !strings.Contains(err.Error(), "--insecure contradicts") {
+		t.Fatalf("--insecure with a token file: %v, want a contradiction", err)
+	}
+
+	rd := tu.StartRedis(t)
+	reg := prometheus.NewRegistry()
+	node := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *ps.Config) {
+		c.TokenFile, c.Insecure, c.Registerer = "", true, reg
+	})
+	if v := tu.MetricValue(t, reg, "tether_ps_insecure"); v != 1 {
+		t.Fatalf("tether_ps_insecure = %v, want 1", v)
+	}
+	if !strings.Contains(node.Log.String(), "running with --insecure") {
+		t.Fatal("an insecure ps does not warn at start")
+	}
+	// An agent with no token at all, exposing its own source address.
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.77.0.30")}}
+	c, err := d.Dial("tcp", node.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := tunnel.Handshake(context.Background(), c, &tunnel.Hello{AgentID: "anon", AgentIP: netip.MustParseAddr("127.77.0.30"), Epoch: 1,
+		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("127.77.0.30:80")}}, tunnel.ClientConfig{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatalf("an insecure ps refused an agent without credentials: %v", err)
+	}
+	s.Close()
 }

@@ -18,25 +18,32 @@ import (
 )
 
 // serveTunnel runs one agent connection: handshake, then the session until
-// the tunnel ends, then the release of its endpoints.
-func (p *PS) serveTunnel(ctx context.Context, raw net.Conn) {
+// the tunnel ends, then the release of its endpoints. The caller holds a
+// handshake slot of the gate and of the source's limit; both are given
+// back as soon as the handshake ends.
+func (p *PS) serveTunnel(ctx context.Context, raw net.Conn, source netip.Addr) {
 	gateHeld := true
 	releaseGate := func() {
 		if gateHeld {
 			gateHeld = false
+			p.sources.release(source)
 			p.gate.release()
 		}
 	}
 	defer releaseGate()
 	log := p.log.With("remote", raw.RemoteAddr().String())
-	_ = raw.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
+	// A short deadline for TLS and the Hello, so a silent peer holds its
+	// slot briefly; the rest of the handshake (registry writes) gets the
+	// full handshake timeout.
+	_ = raw.SetDeadline(time.Now().Add(p.cfg.PreambleTimeout))
 	conn, hello, err := p.readHello(raw)
 	if err != nil {
 		p.refuse(conn, log, err)
 		return
 	}
+	_ = raw.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
 	log = log.With("agent_id", hello.AgentID, "epoch", hello.Epoch)
-	s, err := p.admit(ctx, conn, hello, log)
+	s, err := p.admit(ctx, conn, hello, source, log)
 	if err != nil {
 		p.refuse(conn, log, err)
 		return
@@ -66,7 +73,7 @@ func (p *PS) readHello(raw net.Conn) (net.Conn, *tunnel.Hello, error) {
 	case err == nil:
 		return conn, hello, nil
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		return conn, nil, &tunnel.Refuse{Code: tunnel.CodeTimeout, Reason: fmt.Sprintf("handshake not completed within %v", p.cfg.HandshakeTimeout)}
+		return conn, nil, &tunnel.Refuse{Code: tunnel.CodeTimeout, Reason: fmt.Sprintf("hello not received within %v (--preamble-timeout)", p.cfg.PreambleTimeout)}
 	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed):
 		return conn, nil, fmt.Errorf("%w: %w", errClosed, err)
 	default:
@@ -107,9 +114,12 @@ func (p *PS) refuse(conn net.Conn, log *slog.Logger, err error) {
 
 // admission is one agent's handshake on its way through admit's steps.
 type admission struct {
-	hello *tunnel.Hello
-	log   *slog.Logger
-	rule  *tokenRule
+	hello  *tunnel.Hello
+	log    *slog.Logger
+	source netip.Addr // the tunnel's observed source address
+	cred   *credential
+	// granted is how many endpoints the credential's quota granted.
+	granted int
 	// cur is the agent's live session on this PS, if any: a newer epoch
 	// supersedes it, keeping the ports of the targets both expose.
 	cur *psSession
@@ -127,28 +137,44 @@ type admission struct {
 // the endpoints, allocate ports, publish the routes, send the Welcome and
 // commit the session. A step that fails undoes what the earlier ones did;
 // an error carrying a *tunnel.Refuse is answered to the agent as such.
-func (p *PS) admit(ctx context.Context, conn net.Conn, h *tunnel.Hello, log *slog.Logger) (*psSession, error) {
-	rule, err := p.authenticate(h)
+func (p *PS) admit(ctx context.Context, conn net.Conn, h *tunnel.Hello, source netip.Addr, log *slog.Logger) (*psSession, error) {
+	cred, err := p.authenticate(conn, h, source)
 	if err != nil {
 		return nil, err
 	}
 	slot := p.lockAgent(h.AgentID)
 	defer p.unlockAgent(h.AgentID, slot)
-	a := &admission{hello: h, log: log, rule: rule, cur: slot.current}
-	if a.cur != nil && a.cur.epoch >= h.Epoch {
-		return nil, &tunnel.Refuse{Code: tunnel.CodeStaleEpoch, Reason: fmt.Sprintf("epoch %d is not newer than the live session's %d", h.Epoch, a.cur.epoch)}
+	a := &admission{hello: h, log: log, source: source, cred: cred, cur: slot.current}
+	var credit usage
+	if a.cur != nil {
+		// Only the credential that holds the agent id may supersede its
+		// session: another token cannot take an agent over by claiming
+		// its id with a higher epoch.
+		if a.cur.cred != cred.key {
+			return nil, &tunnel.Refuse{Code: tunnel.CodeForbidden, Reason: fmt.Sprintf("agent %q is live on this ps under another credential", h.AgentID)}
+		}
+		if a.cur.epoch >= h.Epoch {
+			return nil, &tunnel.Refuse{Code: tunnel.CodeStaleEpoch, Reason: fmt.Sprintf("epoch %d is not newer than the live session's %d", h.Epoch, a.cur.epoch)}
+		}
+		credit = a.cur.quota
 	}
-	need := p.plan(a)
+	eligible := p.plan(a)
+	if a.granted, err = p.quotas.reserve(cred.key, len(eligible), credit); err != nil {
+		return nil, err
+	}
+	need := p.applyQuota(a, eligible)
 	p.allocate(a, need)
 	if err := p.publish(ctx, a); err != nil {
 		// Some batches may have been written: quarantine rather than free.
 		p.releaseBindings(ctx, a.fresh, true)
+		p.quotas.release(cred.key, usage{tunnels: 1, endpoints: a.granted})
 		log.Error("publish endpoints failed", "err", err)
 		return nil, &tunnel.Refuse{Code: tunnel.CodeUnavailable, Reason: "registry unavailable, retry later"}
 	}
 	tun, err := p.welcome(conn, a)
 	if err != nil {
 		p.releaseBindings(ctx, a.fresh, true)
+		p.quotas.release(cred.key, usage{tunnels: 1, endpoints: a.granted})
 		return nil, err
 	}
 	s := p.commit(ctx, a, tun)
@@ -156,12 +182,21 @@ func (p *PS) admit(ctx context.Context, conn net.Conn, h *tunnel.Hello, log *slo
 	return s, nil
 }
 
+// maxEpochLead bounds how far ahead of this PS's clock an agent's epoch
+// (nanoseconds since 1970 at the agent's start, plus a counter) may be:
+// without a bound, one session with epoch 2^64-1 would make every later
+// session of its agent id stale forever.
+const maxEpochLead = time.Hour
+
 // authenticate checks the agent's credential and what the PS allows before
-// any state is touched.
-func (p *PS) authenticate(h *tunnel.Hello) (*tokenRule, error) {
-	rule, ok := p.auth.check(h.Token)
-	if !ok {
-		return nil, &tunnel.Refuse{Code: tunnel.CodeUnauthorized, Reason: "token not accepted"}
+// any state is touched, and returns the credential.
+func (p *PS) authenticate(conn net.Conn, h *tunnel.Hello, source netip.Addr) (*credential, error) {
+	cred, err := p.auth.authenticate(conn, h.AgentID, h.Token, source)
+	if err != nil {
+		return nil, err
+	}
+	if limit := time.Now().Add(maxEpochLead); h.Epoch > uint64(limit.UnixNano()) {
+		return nil, &tunnel.Refuse{Code: tunnel.CodeBadRequest, Reason: fmt.Sprintf("epoch %d is more than %v ahead of this ps's clock", h.Epoch, maxEpochLead)}
 	}
 	if p.draining.Load() {
 		return nil, &tunnel.Refuse{Code: tunnel.CodeUnavailable, Reason: "ps is draining"}
@@ -169,16 +204,16 @@ func (p *PS) authenticate(h *tunnel.Hello) (*tokenRule, error) {
 	if slices.Contains(h.HeldPS, p.cfg.ID) {
 		return nil, &tunnel.Refuse{Code: tunnel.CodeDuplicatePS, Reason: fmt.Sprintf("agent already holds a tunnel on ps %s", p.cfg.ID)}
 	}
-	if !p.agentNets.Allows(h.AgentIP) || !rule.cidrs.Allows(h.AgentIP) {
-		return nil, &tunnel.Refuse{Code: tunnel.CodeForbidden, Reason: fmt.Sprintf("agent ip %s is outside the CIDRs this agent may use", h.AgentIP)}
+	if why := p.exposure.check(h.AgentIP, cred, source); why != "" {
+		return nil, &tunnel.Refuse{Code: tunnel.CodeForbidden, Reason: "agent ip " + why}
 	}
-	return rule, nil
+	return cred, nil
 }
 
 // plan refuses the endpoints that are not allowed, keeps the bindings of
 // targets the superseded session already had, and returns the indexes of
-// the endpoints that need a fresh port.
-func (p *PS) plan(a *admission) (need []int) {
+// the endpoints that may be served.
+func (p *PS) plan(a *admission) (eligible []int) {
 	eps := a.hello.Endpoints
 	a.results = make([]tunnel.EndpointResult, len(eps))
 	a.chosen = make([]*binding, len(eps))
@@ -190,23 +225,33 @@ func (p *PS) plan(a *admission) (need []int) {
 	}
 	seen := make(map[netip.AddrPort]struct{}, len(eps))
 	for i, ep := range eps {
-		switch _, dup := seen[ep]; {
-		case dup:
+		if _, dup := seen[ep]; dup {
 			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeBadRequest, Reason: fmt.Sprintf("endpoint %s listed twice", ep)}
 			continue
-		case !p.agentNets.Allows(ep.Addr()):
-			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeForbidden, Reason: fmt.Sprintf("endpoint %s is outside the ps's --agent-cidrs", ep)}
-			continue
-		case !a.rule.cidrs.Allows(ep.Addr()):
-			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeForbidden, Reason: fmt.Sprintf("endpoint %s is outside the CIDRs of this agent's token", ep)}
+		}
+		if why := p.exposure.check(ep.Addr(), a.cred, a.source); why != "" {
+			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeForbidden, Reason: "endpoint " + why}
 			continue
 		}
 		seen[ep] = struct{}{}
-		if b := kept[ep]; b != nil {
-			a.chosen[i] = b
+		a.chosen[i] = kept[ep]
+		eligible = append(eligible, i)
+	}
+	return eligible
+}
+
+// applyQuota refuses the eligible endpoints beyond what the credential's
+// quota granted, and returns the indexes of those that need a fresh port.
+func (p *PS) applyQuota(a *admission, eligible []int) (need []int) {
+	for k, i := range eligible {
+		if k >= a.granted {
+			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeQuota, Reason: fmt.Sprintf("this credential may expose at most %d endpoints on this ps (--credential-endpoints)", p.quotas.maxEndpoints)}
+			a.chosen[i] = nil
 			continue
 		}
-		need = append(need, i)
+		if a.chosen[i] == nil {
+			need = append(need, i)
+		}
 	}
 	return need
 }
@@ -240,7 +285,7 @@ func (p *PS) publish(ctx context.Context, a *admission) error {
 	idx := make([]int, 0, len(a.chosen))
 	for i, b := range a.chosen {
 		if b != nil {
-			pubs = append(pubs, registry.Publication{Target: b.target, Port: b.port, AgentID: a.hello.AgentID})
+			pubs = append(pubs, registry.Publication{Target: b.target, Port: b.port, AgentID: a.hello.AgentID, Owner: a.cred.key})
 			idx = append(idx, i)
 		}
 	}
@@ -274,7 +319,9 @@ func (p *PS) welcome(conn net.Conn, a *admission) (*tunnel.PSSession, error) {
 		return nil, fmt.Errorf("%w: could not send welcome: %w", errClosed, err)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	tun, err := tunnel.NewPSSession(conn, a.log, p.window)
+	tun, err := tunnel.NewPSSession(conn, a.log, p.window, tunnel.OnAgentStream(func() {
+		p.m.violations.WithLabelValues("agent_opened_stream").Inc()
+	}))
 	if err != nil {
 		return nil, &tunnel.Refuse{Code: tunnel.CodeInternal, Reason: err.Error()}
 	}
@@ -285,12 +332,16 @@ func (p *PS) welcome(conn net.Conn, a *admission) (*tunnel.PSSession, error) {
 // the agent's older session, which is closed in the background so it never
 // blocks this one. Ports nobody serves any more are released.
 func (p *PS) commit(ctx context.Context, a *admission, tun *tunnel.PSSession) *psSession {
-	s := &psSession{agentID: a.hello.AgentID, epoch: a.hello.Epoch, tun: tun, bindings: make(map[netip.AddrPort]*binding, len(a.chosen))}
+	s := &psSession{agentID: a.hello.AgentID, epoch: a.hello.Epoch, cred: a.cred.key, tun: tun, bindings: make(map[netip.AddrPort]*binding, len(a.chosen))}
 	for _, b := range a.chosen {
 		if b != nil {
 			s.bindings[b.target] = b
 		}
 	}
+	// The session holds the quota of what it serves; what the registry
+	// refused goes back at once.
+	s.quota = usage{tunnels: 1, endpoints: len(s.bindings)}
+	p.quotas.release(a.cred.key, usage{endpoints: a.granted - len(s.bindings)})
 	p.mu.Lock()
 	p.nextSess++
 	s.serial = p.nextSess

@@ -1,6 +1,7 @@
 package ps
 
 import (
+	"net/netip"
 	"sync"
 	"time"
 )
@@ -60,3 +61,37 @@ func (g *gate) takeToken() bool {
 
 // release returns a handshake slot.
 func (g *gate) release() { <-g.sem }
+
+// sourceLimit bounds the handshakes in progress from one source address,
+// so that silent peers on one host cannot fill the gate and keep real
+// agents out.
+type sourceLimit struct {
+	max int
+
+	mu    sync.Mutex
+	inUse map[netip.Addr]int
+}
+
+func newSourceLimit(max int) *sourceLimit {
+	return &sourceLimit{max: max, inUse: map[netip.Addr]int{}}
+}
+
+func (l *sourceLimit) tryAcquire(a netip.Addr) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.inUse[a] >= l.max {
+		return false
+	}
+	l.inUse[a]++
+	return true
+}
+
+func (l *sourceLimit) release(a netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.inUse[a] <= 1 {
+		delete(l.inUse, a)
+		return
+	}
+	l.inUse[a]--
+}

@@ -81,7 +81,7 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 	}
 	// Every known result and reason is exported from the start, at zero, so
 	// that dashboards and rate() see a series before the first event.
-	for _, r := range append([]string{"ok", "closed", "tls_error"}, codeStrings(tunnel.RefusalCodes())...) {
+	for _, r := range append([]string{"ok", "closed", "tls_error", "source_busy"}, codeStrings(tunnel.RefusalCodes())...) {
 		m.handshakes.WithLabelValues(r)
 	}
 	for _, r := range []string{"no_route", "no_session", "open_failed"} {

@@ -150,13 +150,15 @@ type PS struct {
 	ownReg    bool
 	tls       *tls.Config
 	auth      *authorizer
+	quotas    *quotas
+	exposure  *exposure
 	gate      *gate
+	sources   *sourceLimit
 	alloc     *portAllocator
 	plane     dataPlane
 	m         *psMetrics
 	advertise netip.Addr
 	allow     cidr.List
-	agentNets cidr.List
 	window    uint32
 
 	lnMu sync.Mutex
@@ -197,9 +199,13 @@ func New(cfg Config) (*PS, error) {
 	if err != nil {
 		return nil, err
 	}
-	auth, err := loadTokens(cfg.TokenFile, cliconfig.TokenEnv)
+	auth, err := loadAuthorizer(&cfg, cliconfig.TokenEnv)
 	if err != nil {
 		return nil, err
+	}
+	credEndpoints := cfg.CredEndpoints
+	if credEndpoints == 0 {
+		credEndpoints = max(1, pr.Size()/2)
 	}
 	m, err := newPSMetrics(cfg.Registerer)
 	if err != nil {
@@ -208,15 +214,18 @@ func New(cfg Config) (*PS, error) {
 	p := &PS{
 		cfg: cfg, log: log, tls: tlsCfg, auth: auth, m: m,
 		gate:      newGate(cfg.MaxHandshakes, cfg.HandshakeRate, cfg.MaxHandshakes, nil),
+		sources:   newSourceLimit(cfg.SourceHandshakes),
+		quotas:    newQuotas(cfg.CredTunnels, credEndpoints),
+		exposure:  newExposure(agentNets),
 		alloc:     newPortAllocator(pr, nil),
 		advertise: netip.MustParseAddr(cfg.Advertise),
-		allow:     allow, agentNets: agentNets,
-		window:   uint32(cfg.StreamWindow),
-		addr:     make(chan net.Addr, 1),
-		agents:   map[string]*agentSlot{},
-		sessions: map[*psSession]struct{}{},
-		bindings: map[uint16]*binding{},
-		closed:   make(chan struct{}),
+		allow:     allow,
+		window:    uint32(cfg.StreamWindow),
+		addr:      make(chan net.Addr, 1),
+		agents:    map[string]*agentSlot{},
+		sessions:  map[*psSession]struct{}{},
+		bindings:  map[uint16]*binding{},
+		closed:    make(chan struct{}),
 	}
 	p.plane = newListenerPlane(p.advertise, p.handleConn, log)
 	p.reg = cfg.Registry
@@ -247,12 +256,14 @@ func (p *PS) Addr(ctx context.Context) (net.Addr, error) {
 // (withdraws routes, stops accepting, waits for in-flight connections) and
 // returns.
 func (p *PS) Run(ctx context.Context) error {
-	if p.auth.open() {
-		p.log.Warn("no token configured (--token-file or " + cliconfig.TokenEnv + "): any agent may connect")
+	if p.auth.insecure {
+		p.m.insecure.Set(1)
+		p.log.Warn("running with --insecure: agents without a credential are accepted")
 	}
 	if err := p.start(ctx); err != nil {
 		return err
 	}
+	p.exposure.reserve(p.reservedAddrs(ctx))
 	ln, err := net.Listen("tcp", p.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen for tunnels on %s: %w", p.cfg.Listen, err)
@@ -274,6 +285,7 @@ func (p *PS) Run(ctx context.Context) error {
 	loops.Go(func() error { p.renewLoop(lctx); return nil })
 	loops.Go(func() error { p.collectLoop(lctx); return nil })
 	loops.Go(func() error { p.resyncLoop(lctx); return nil })
+	loops.Go(func() error { p.refreshReserved(lctx, p.cfg.Renew); return nil })
 	loops.Go(func() error {
 		<-lctx.Done()
 		p.drain(life)
@@ -333,7 +345,16 @@ func (p *PS) acceptTunnels(ctx context.Context, ln net.Listener) error {
 			continue
 		}
 		delay = 0
+		// The source's own limit comes first, so that one host's silent
+		// connections cannot take the slots every other agent needs.
+		source := addrPortOf(c.RemoteAddr()).Addr()
+		if !p.sources.tryAcquire(source) {
+			p.m.handshakes.WithLabelValues("source_busy").Inc()
+			p.refuseBusy(c)
+			continue
+		}
 		if !p.gate.tryAcquire() {
+			p.sources.release(source)
 			p.m.handshakes.WithLabelValues(tunnel.CodeBusy.String()).Inc()
 			p.refuseBusy(c)
 			continue
@@ -341,7 +362,7 @@ func (p *PS) acceptTunnels(ctx context.Context, ln net.Listener) error {
 		p.conns.Add(1)
 		go func() {
 			defer p.conns.Add(-1)
-			p.serveTunnel(ctx, c)
+			p.serveTunnel(ctx, c, source)
 		}()
 	}
 }
@@ -414,5 +435,7 @@ func (p *PS) Close() error {
 func (p *PS) renew(ctx context.Context, state registry.PSState) error {
 	rctx, cancel := context.WithTimeout(ctx, p.cfg.Lease)
 	defer cancel()
-	return p.reg.RenewPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: state, ExpiresAt: time.Now().Add(p.cfg.Lease)})
+	// Only the duration leaves this host: Redis stamps the expiry on its
+	// own clock, so a skewed clock here neither shortens nor stretches it.
+	return p.reg.RenewPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: state, TTL: p.cfg.Lease})
 }

@@ -22,6 +22,9 @@ import (
 // rawHello dials the PS and runs a handshake as an agent would.
 func rawHello(t *testing.T, addr string, h *tunnel.Hello) (*tunnel.AgentSession, error) {
 	t.Helper()
+	if h.Token == "" {
+		h.Token = tunneltest.Token
+	}
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
@@ -64,10 +67,11 @@ func preamble(version byte) []byte { return append(tunnel.Magic[:], version) }
 // (docs/DESIGN.md, invariant 7).
 func TestBadInputIsRefusedWhileAGoodTunnelKeepsWorking(t *testing.T) {
 	rd := testutil.StartRedis(t)
-	tokens := tunneltest.WriteTokens(t, "# agents\ngood-token\nlimited-token 127.80.0.0/16\n")
+	tokens := tunneltest.WriteTokens(t, "# agents\ngood-token * 127.77.0.0/16,127.78.0.0/16\nlimited-token * 127.80.0.0/16\nother-token host-*,b1 127.78.0.0/16\nrival-token a1 127.77.0.0/16\n")
 	ps := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *ps.Config) {
 		c.TokenFile = tokens
-		c.HandshakeTimeout = 700 * time.Millisecond
+		c.AgentCIDRs = []string{"127.77.0.0/16", "127.78.0.0/16"}
+		c.PreambleTimeout = 700 * time.Millisecond
 	})
 	reg := tunneltest.NewRegistry(t, rd.URL())
 	srv := tunneltest.IdentityServer(t, "agent-a1")
@@ -138,9 +142,17 @@ func badInputCases(psAddr string, target netip.AddrPort) []badInput {
 		{"garbage bytes", raw([]byte("\x16\x03\x01 hello? this is not tether")), tunnel.CodeBadRequest, "bad magic"},
 		{"unknown version", raw(preamble(9)), tunnel.CodeVersion, "agent speaks version 9"},
 		{"oversized frame", raw(append(preamble(tunnel.Version), 1, 0x40, 0, 0, 0)), tunnel.CodeTooLarge, "frame of 1073741824 bytes"},
-		{"slow handshake", raw(preamble(tunnel.Version)), tunnel.CodeTimeout, "handshake not completed within 700ms"}, // then silence
+		{"slow handshake", raw(preamble(tunnel.Version)), tunnel.CodeTimeout, "hello not received within 700ms"}, // then silence
 		{"wrong token", refused(func(h *tunnel.Hello) { h.Token = "guess" }), tunnel.CodeUnauthorized, "token not accepted"},
-		{"token limited to other CIDRs", refused(func(h *tunnel.Hello) { h.Token = "limited-token" }), tunnel.CodeForbidden, "outside the CIDRs"},
+		{"token limited to other CIDRs", refused(func(h *tunnel.Hello) { h.Token = "limited-token" }), tunnel.CodeForbidden, "outside the addresses this agent's credential lists"},
+		{"token for other agent ids", refused(func(h *tunnel.Hello) { h.Token = "other-token" }), tunnel.CodeUnauthorized, `this token may not act as agent \"bad\"`},
+		{"takeover of a live agent id with another token", refused(func(h *tunnel.Hello) {
+			h.Token, h.AgentID, h.Epoch = "rival-token", "a1", uint64(time.Now().UnixNano())
+			h.AgentIP, h.Endpoints = netip.MustParseAddr("127.77.0.1"), []netip.AddrPort{target}
+		}), tunnel.CodeForbidden, `agent \"a1\" is live on this ps under another credential`},
+		{"epoch far ahead of the clock", refused(func(h *tunnel.Hello) { h.Epoch = 1 << 63 }), tunnel.CodeBadRequest, "ahead of this ps's clock"},
+		{"unnamed loopback agent ip", refused(func(h *tunnel.Hello) { h.AgentIP = netip.MustParseAddr("127.0.0.5") }), tunnel.CodeForbidden, "127.0.0.5 is in the loopback range"},
+		{"the ps's own address", refused(func(h *tunnel.Hello) { h.AgentIP = netip.MustParseAddr("127.0.0.1") }), tunnel.CodeForbidden, "127.0.0.1 is the address of"},
 		{"exposure of another agent's live route", func(t *testing.T) (tunnel.Code, string) {
 			s, err := rawHello(t, psAddr, badHello(func(h *tunnel.Hello) {
 				h.AgentID = "intruder"

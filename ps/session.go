@@ -17,8 +17,12 @@ type psSession struct {
 	serial  uint64
 	agentID string
 	epoch   uint64
-	log     *slog.Logger
-	tun     *tunnel.PSSession
+	// cred is the key of the credential the agent authenticated with;
+	// quota is what the session counts against that credential's quotas.
+	cred  string
+	quota usage
+	log   *slog.Logger
+	tun   *tunnel.PSSession
 
 	mu       sync.Mutex
 	bindings map[netip.AddrPort]*binding
@@ -94,6 +98,7 @@ func (p *PS) endSession(ctx context.Context, s *psSession) {
 	delete(p.sessions, s)
 	p.mu.Unlock()
 	p.m.tunnels.Dec()
+	p.quotas.release(s.cred, s.quota)
 	list := make([]*binding, 0, len(bs))
 	for _, b := range bs {
 		list = append(list, b)

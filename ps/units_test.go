@@ -61,30 +61,89 @@ func TestParsePortRange(t *testing.T) {
 }
 
 func TestTokenFile(t *testing.T) {
-	a, err := parseTokens(bufio.NewScanner(strings.NewReader("# comment\n\nalpha\nbeta 10.1.0.0/16,10.2.0.5\n")), "f")
+	rules, err := parseTokens(bufio.NewScanner(strings.NewReader("# comment\n\nalpha *\nbeta host-*,b1 10.1.0.0/16,10.2.0.5\n")), "f")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r, ok := a.check("alpha"); !ok || len(r.cidrs) != 0 {
-		t.Fatalf("alpha: %+v %v", r, ok)
+	a := &authorizer{rules: rules}
+	src := netip.MustParseAddr("10.9.9.9")
+	cred, err := a.authenticate(nil, "anything", "alpha", src)
+	if err != nil || cred.listsAddrs() {
+		t.Fatalf("alpha as 'anything': %+v %v", cred, err)
 	}
-	r, ok := a.check("beta")
-	if !ok || !r.cidrs.Allows(netip.MustParseAddr("10.1.2.3")) || !r.cidrs.Allows(netip.MustParseAddr("10.2.0.5")) ||
-		r.cidrs.Allows(netip.MustParseAddr("10.2.0.6")) {
-		t.Fatalf("beta's CIDRs: %+v %v", r, ok)
+	for _, id := range []string{"host-1", "host-", "b1"} {
+		cred, err := a.authenticate(nil, id, "beta", src)
+		if err != nil {
+			t.Fatalf("beta as %q: %v", id, err)
+		}
+		if !cred.allows(netip.MustParseAddr("10.1.2.3")) || !cred.allows(netip.MustParseAddr("::ffff:10.2.0.5")) || cred.allows(netip.MustParseAddr("10.2.0.6")) {
+			t.Fatalf("beta's CIDRs: %+v", cred)
+		}
 	}
-	for _, wrong := range []string{"", "alph", "alphaa", "beta 10.1.0.0/16"} {
-		if _, ok := a.check(wrong); ok {
+	if _, err := a.authenticate(nil, "b2", "beta", src); err == nil || !strings.Contains(err.Error(), `may not act as agent "b2"`) {
+		t.Fatalf("beta as b2: %v", err)
+	}
+	for _, wrong := range []string{"", "alph", "alphaa", "beta host-*"} {
+		if _, err := a.authenticate(nil, "host-1", wrong, src); err == nil {
 			t.Errorf("token %q accepted", wrong)
 		}
 	}
-	for _, bad := range []string{"", "# only a comment\n", "tok 10.0.0.0/99\n", "tok a b\n"} {
-		if _, err := parseTokens(bufio.NewScanner(strings.NewReader(bad)), "f"); err == nil {
-			t.Errorf("token file %q accepted", bad)
+	alpha, _ := a.authenticate(nil, "x", "alpha", src)
+	beta, _ := a.authenticate(nil, "b1", "beta", src)
+	if alpha.key == beta.key || !strings.HasPrefix(alpha.key, "tok:") || strings.Contains(alpha.key, "alpha") {
+		t.Fatalf("credential keys %q and %q: want distinct keys that do not reveal the token", alpha.key, beta.key)
+	}
+	for bad, says := range map[string]string{
+		"":                    "holds no token",
+		"# only a comment\n":  "holds no token",
+		"tok\n":               "write 'TOKEN *'",
+		"tok 10.0.0.0/8\n":    "write 'TOKEN * 10.0.0.0/8'",
+		"tok * 10.0.0.0/99\n": "10.0.0.0/99",
+		"tok a b c\n":         "4 fields",
+		"tok a{b\n":           "not allowed",
+	} {
+		if _, err := parseTokens(bufio.NewScanner(strings.NewReader(bad)), "f"); err == nil || !strings.Contains(err.Error(), says) {
+			t.Errorf("token file %q: %v, want an error saying %q", bad, err, says)
 		}
 	}
-	if open := (&authorizer{}); !open.open() {
-		t.Fatal("no tokens must mean open")
+}
+
+func TestGlobMatch(t *testing.T) {
+	for _, c := range []struct {
+		pat, id string
+		ok      bool
+	}{
+		{"a1", "a1", true}, {"a1", "a10", false}, {"*", "anything", true}, {"host-*", "host-12", true},
+		{"host-*", "hos", false}, {"*-db", "eu-db", true}, {"*-db", "eu-dbx", false}, {"a*b*c", "axxbyyc", true},
+		{"a*b*c", "axxbyy", false}, {"host-*", "other-host-1", false},
+	} {
+		if got := globMatch(c.pat, c.id); got != c.ok {
+			t.Errorf("globMatch(%q, %q) = %v, want %v", c.pat, c.id, got, c.ok)
+		}
+	}
+}
+
+func TestQuotas(t *testing.T) {
+	q := newQuotas(2, 10)
+	if n, err := q.reserve("k", 6, usage{}); err != nil || n != 6 {
+		t.Fatalf("first: %d %v", n, err)
+	}
+	if n, err := q.reserve("k", 6, usage{}); err != nil || n != 4 {
+		t.Fatalf("second: %d %v, want the 4 left", n, err)
+	}
+	if _, err := q.reserve("k", 1, usage{}); err == nil {
+		t.Fatal("a third tunnel passed a limit of 2")
+	}
+	if n, err := q.reserve("other", 10, usage{}); err != nil || n != 10 {
+		t.Fatalf("another credential is not affected: %d %v", n, err)
+	}
+	// Superseding a session gets its share as credit.
+	if n, err := q.reserve("k", 8, usage{tunnels: 1, endpoints: 6}); err != nil || n != 6 {
+		t.Fatalf("superseding: %d %v", n, err)
+	}
+	q.release("k", usage{tunnels: 3, endpoints: 16})
+	if len(q.used) != 1 {
+		t.Fatalf("released credential still counted: %+v", q.used)
 	}
 }
 

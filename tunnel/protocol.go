@@ -69,6 +69,7 @@ const (
 	CodeNoPorts      Code = 11 // the PS has no free port
 	CodeInternal     Code = 12
 	CodeTimeout      Code = 13 // the handshake missed its deadline
+	CodeQuota        Code = 14 // the credential's tunnel or endpoint quota on this PS is used up
 )
 
 var codeNames = map[Code]string{
@@ -76,7 +77,7 @@ var codeNames = map[Code]string{
 	CodeUnauthorized: "unauthorized", CodeBusy: "busy", CodeStaleEpoch: "stale_epoch",
 	CodeUnavailable: "unavailable", CodeTooLarge: "too_large", CodeDuplicatePS: "duplicate_ps",
 	CodeForbidden: "forbidden", CodeConflict: "conflict", CodeNoPorts: "no_ports",
-	CodeInternal: "internal", CodeTimeout: "timeout",
+	CodeInternal: "internal", CodeTimeout: "timeout", CodeQuota: "quota",
 }
 
 // RefusalCodes returns every refusal code this package knows (CodeOK

@@ -16,8 +16,6 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 
 	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/internal/tunneltest"
@@ -91,20 +89,7 @@ func scrape(t *testing.T, addr string) map[string]*dto.MetricFamily {
 	if resp.StatusCode != http.StatusOK || strings.TrimSpace(string(body)) != "ok" {
 		t.Fatalf("/healthz on %s: %d %q, want 200 ok", addr, resp.StatusCode, body)
 	}
-	resp, err = client.Get("http://" + addr + "/metrics")
-	if err != nil {
-		t.Fatalf("GET /metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("/metrics on %s: status %d", addr, resp.StatusCode)
-	}
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	mfs, err := parser.TextToMetricFamilies(resp.Body)
-	if err != nil {
-		t.Fatalf("parse /metrics of %s: %v", addr, err)
-	}
-	return mfs
+	return testutil.ScrapeFamilies(t, addr)
 }
 
 // checkCatalogue compares what a daemon exports with the README's rows for

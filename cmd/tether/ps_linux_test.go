@@ -13,10 +13,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tether-net/tether/internal/cliconfig"
 	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/internal/tunneltest"
 	"github.com/tether-net/tether/registry"
@@ -85,54 +85,23 @@ var (
 )
 
 // proc is a tether process started by a test.
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	log  *tunneltest.LogBuf
-	done chan struct{}
-}
+type proc struct{ *testutil.Proc }
 
 func startProc(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
-	lb := &tunneltest.LogBuf{}
-	cmd := exec.Command(tetherBin(t), append([]string{"--log-level", "debug"}, args...)...)
-	cmd.Stdout, cmd.Stderr = lb, lb
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	var env []string
+	if len(args) > 0 && args[0] == "agent" {
+		// Agents present the test token, as the test PS nodes require.
+		env = []string{cliconfig.TokenEnv + "=" + tunneltest.Token}
 	}
-	p := &proc{name: name, cmd: cmd, log: lb, done: make(chan struct{})}
-	go func() { _ = cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		p.stop()
-		if t.Failed() {
-			t.Logf("%s log:\n%s", name, lb.String())
-		}
-	})
-	return p
+	return &proc{testutil.StartProc(t, name, env, tetherBin(t), append([]string{"--log-level", "debug"}, args...)...)}
 }
 
 // stop sends SIGTERM (a drain) and waits for the exit.
-func (p *proc) stop() {
-	select {
-	case <-p.done:
-		return
-	default:
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(20 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
-}
+func (p *proc) stop() { p.Stop() }
 
 // kill9 ends the process as a crash would.
-func (p *proc) kill9() {
-	_ = p.cmd.Process.Kill()
-	<-p.done
-}
+func (p *proc) kill9() { p.Kill() }
 
 type psProc struct {
 	*proc
@@ -144,14 +113,15 @@ func startPSProc(t *testing.T, redisURL, id string, extra ...string) *psProc {
 	listen := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
 	args := append([]string{"ps", "--id", id, "--listen", listen, "--advertise", "127.0.0.1",
 		"--ports", tunneltest.FreeRange(t, 20), "--redis", redisURL, "--lease", "2s", "--renew", "500ms",
-		"--drain-timeout", "2s"}, extra...)
+		"--drain-timeout", "2s", "--token-file", tunneltest.WriteTokens(t, tunneltest.Token+" * "+tunneltest.AgentRange+"\n"),
+		"--agent-cidrs", tunneltest.AgentRange}, extra...)
 	p := &psProc{proc: startProc(t, "ps "+id, args...), listen: listen, args: args}
 	testutil.WaitTCP(t, listen, 10*time.Second)
 	return p
 }
 
 func (p *psProc) restart(t *testing.T) {
-	p.proc = startProc(t, p.name, p.args...)
+	p.proc = startProc(t, p.Name, p.args...)
 	testutil.WaitTCP(t, p.listen, 10*time.Second)
 }
 

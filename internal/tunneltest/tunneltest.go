@@ -65,8 +65,18 @@ type PSNode struct {
 	Stop func() // drains, as SIGTERM does
 }
 
+// Token is the credential test PS nodes accept by default and test agents
+// present: any agent id, endpoints in AgentRange. Tests run with
+// credentials, as production does, never --insecure.
+const Token = "tether-test-token"
+
+// AgentRange is the loopback range test agents expose endpoints in; PS
+// nodes name it in --agent-cidrs, as loopback is refused unless named.
+const AgentRange = "127.77.0.0/16"
+
 // StartPS runs a PS on loopback until the test ends (or Stop), with
-// mod applied to its config.
+// mod applied to its config. By default it accepts Token for any agent id
+// and endpoints in AgentRange.
 func StartPS(t *testing.T, redisURL, id string, mod func(*ps.Config)) *PSNode {
 	t.Helper()
 	cfg := ps.DefaultConfig()
@@ -75,6 +85,8 @@ func StartPS(t *testing.T, redisURL, id string, mod func(*ps.Config)) *PSNode {
 	cfg.Advertise = "127.0.0.1"
 	cfg.Redis = redisURL
 	cfg.Ports = FreeRange(t, 20)
+	cfg.TokenFile = WriteTokens(t, Token+" * "+AgentRange+"\n")
+	cfg.AgentCIDRs = []string{AgentRange}
 	cfg.DrainTimeout = 2 * time.Second
 	log, lb := NewLog(t, "ps "+id)
 	cfg.Logger = log
@@ -187,6 +199,7 @@ func RunAgent(t testing.TB, id, ip string, servers []string, expose []string, mo
 	cfg.IP = ip
 	cfg.Servers = servers
 	cfg.Expose = expose
+	cfg.Token = Token
 	cfg.BackoffMin = 50 * time.Millisecond
 	cfg.BackoffMax = 500 * time.Millisecond
 	log, lb := NewLog(t, "agent "+id)
@@ -290,7 +303,7 @@ func WaitBackends(t *testing.T, reg *registry.Registry, target netip.AddrPort, n
 }
 
 // WriteTokens writes a token file and returns its path.
-func WriteTokens(t *testing.T, lines string) string {
+func WriteTokens(t testing.TB, lines string) string {
 	p := filepath.Join(t.TempDir(), "tokens")
 	if err := os.WriteFile(p, []byte(lines), 0o600); err != nil {
 		t.Fatal(err)
@@ -304,9 +317,13 @@ type PKI = testpki.PKI
 // NewPKI writes a fresh PKI into a temporary directory.
 func NewPKI(t testing.TB) *PKI { return testpki.NewPKI(t) }
 
-// Handshake dials the PS at addr and runs h's handshake as an agent would.
-// The caller closes the session it returns.
+// Handshake dials the PS at addr and runs h's handshake as an agent would,
+// presenting Token when h has none. The caller closes the session it
+// returns.
 func Handshake(addr string, h *tunnel.Hello) (*tunnel.AgentSession, error) {
+	if h.Token == "" {
+		h.Token = Token
+	}
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		return nil, err

@@ -46,7 +46,7 @@ type System struct {
 // NewSystem prepares a system; nothing runs yet.
 func NewSystem(n *Network, tether, dir, cgroup, pinDir string) (*System, error) {
 	s := &System{N: n, Tether: tether, Dir: dir, Cgroup: cgroup, PinDir: pinDir, Procs: map[string]*Proc{}, Token: "netsim-" + n.Prefix}
-	if err := os.WriteFile(s.TokenFile(), []byte(s.Token+" 198.18.0.0/15\n"), 0o600); err != nil {
+	if err := os.WriteFile(s.TokenFile(), []byte(s.Token+" * 198.18.0.0/15\n"), 0o600); err != nil {
 		return nil, err
 	}
 	if err := os.WriteFile(s.AgentTokenFile(), []byte(s.Token+"\n"), 0o600); err != nil {

@@ -113,6 +113,9 @@ func startTether(ctx context.Context, redisURL, svc string) (string, error) {
 	for i, ports := range []string{"41000-41099", "41100-41199"} {
 		cfg := ps.DefaultConfig()
 		cfg.ID, cfg.Listen, cfg.Advertise, cfg.Redis, cfg.Ports, cfg.Logger = fmt.Sprintf("ps%d", i+1), "127.0.0.1:0", "127.0.0.1", redisURL, ports, quiet
+		if err := benchutil.PSCredentials(&cfg); err != nil {
+			return "", err
+		}
 		ps, err := ps.New(cfg)
 		if err != nil {
 			return "", err
@@ -126,6 +129,7 @@ func startTether(ctx context.Context, redisURL, svc string) (string, error) {
 	}
 	acfg := agent.DefaultConfig()
 	acfg.ID, acfg.IP, acfg.Servers, acfg.Expose, acfg.Logger = "a1", "127.77.0.1", servers, []string{"9100=" + svc}, quiet
+	acfg.Token = benchutil.Token
 	ag, err := agent.New(acfg)
 	if err != nil {
 		return "", err
@@ -174,6 +178,7 @@ func startRedirector(ctx context.Context, redisURL string) (cgroups, func(), err
 	}
 	rcfg := redirector.DefaultConfig()
 	rcfg.Redis, rcfg.Cgroup, rcfg.PinDir, rcfg.MapSize, rcfg.Logger = redisURL, cg.hooked, cg.pin, 1000, quiet
+	rcfg.TargetCIDRs = []string{"127.77.0.0/16"}
 	undo = append(undo, func() { _ = redirector.Uninstall(rcfg.PinDir) })
 	rd, err := redirector.New(rcfg)
 	if err != nil {

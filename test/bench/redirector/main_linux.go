@@ -35,6 +35,7 @@ import (
 
 	"github.com/tether-net/tether/bpf"
 	"github.com/tether-net/tether/internal/cgroup2"
+	"github.com/tether-net/tether/internal/cidr"
 	"github.com/tether-net/tether/redirector"
 	"github.com/tether-net/tether/registry"
 	"github.com/tether-net/tether/test/bench/benchutil"
@@ -161,7 +162,8 @@ func (b *bench) install() (cleanup func(), err error) {
 	}
 	undo = append(undo, func() { _ = b.routes.Close() })
 	b.rm = redirector.NewKernelRouteMap(b.routes)
-	b.rec = redirector.NewReconciler(b.rm, nil, slog.New(slog.DiscardHandler))
+	b.rec = redirector.NewReconciler(b.rm, nil, slog.New(slog.DiscardHandler),
+		redirector.WithTargets(cidr.List{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("10.0.0.0/8")}))
 	st, err := redirector.ReadStatus(b.pin)
 	if err != nil {
 		return cleanup, err

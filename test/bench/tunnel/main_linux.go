@@ -286,6 +286,10 @@ func startTether(ctx context.Context, redisURL string, window uint32, direct ser
 		cfg.Redis = redisURL
 		cfg.StreamWindow = int(window)
 		cfg.Logger = quiet
+		if err := benchutil.PSCredentials(&cfg); err != nil {
+			stop()
+			return nil, err
+		}
 		p, err := ps.New(cfg)
 		if err != nil {
 			stop()
@@ -308,6 +312,7 @@ func startTether(ctx context.Context, redisURL string, window uint32, direct ser
 	acfg.Expose = []string{"1=" + direct.bulk, "2=" + direct.echo, "3=" + direct.rpc}
 	acfg.StreamWindow = int(window)
 	acfg.Logger = quiet
+	acfg.Token = benchutil.Token
 	ag, err := agent.New(acfg)
 	if err != nil {
 		stop()
@@ -598,7 +603,7 @@ func registration(redisURL string, n int, chk *benchutil.Checks) error {
 		return err
 	}
 	defer stop()
-	hello := &tunnel.Hello{AgentID: "bench-many", AgentIP: netip.MustParseAddr("127.78.0.1"), Epoch: 1}
+	hello := &tunnel.Hello{AgentID: "bench-many", AgentIP: netip.MustParseAddr("127.78.0.1"), Token: benchutil.Token, Epoch: 1}
 	for i := range n {
 		hello.Endpoints = append(hello.Endpoints, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 78, byte(i >> 8), byte(i)}), 9100))
 	}
@@ -640,6 +645,12 @@ func startRegPS(ctx context.Context, redisURL string, n int) (addr string, stop 
 	cfg.Ports = fmt.Sprintf("%d-%d", regPorts, regPorts+n+2000-1)
 	cfg.Redis = redisURL
 	cfg.Logger = slog.New(slog.DiscardHandler)
+	// One agent exposes all n endpoints: its credential's quota must hold
+	// them (the default is half the range).
+	cfg.CredEndpoints = n
+	if err := benchutil.PSCredentials(&cfg); err != nil {
+		return "", nil, err
+	}
 	p, err := ps.New(cfg)
 	if err != nil {
 		return "", nil, err

@@ -1,0 +1,142 @@
+package ps
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/tether-net/tether/internal/cidr"
+)
+
+// exposure decides which addresses an agent may expose (and present as its
+// own ip). The rules, in order:
+//
+//  1. Never the address of a PS node (this one's advertise and interface
+//     addresses, every PS in the registry) or of the registry: a route
+//     there would hand the PS's or Redis's traffic to an agent.
+//  2. A special address (loopback, unspecified, link-local, multicast,
+//     broadcast) only when --agent-cidrs names a range inside its class;
+//     a catch-all such as 0.0.0.0/0 does not name them.
+//  3. Inside --agent-cidrs when that is set.
+//  4. Inside the addresses the credential lists (token CIDRs, certificate
+//     IP SANs); a credential that lists none may expose only the tunnel's
+//     observed source address, i.e. the agent's own.
+type exposure struct {
+	agentNets cidr.List
+
+	mu       sync.RWMutex
+	reserved map[netip.Addr]string // address -> what it belongs to
+}
+
+func newExposure(agentNets cidr.List) *exposure {
+	return &exposure{agentNets: agentNets, reserved: map[netip.Addr]string{}}
+}
+
+// check returns why a may not be exposed by an agent with cred whose
+// tunnel comes from source, or "" when it may.
+func (e *exposure) check(a netip.Addr, cred *credential, source netip.Addr) string {
+	a = a.Unmap()
+	e.mu.RLock()
+	owner, taken := e.reserved[a]
+	e.mu.RUnlock()
+	if taken {
+		return fmt.Sprintf("%s is the address of %s, which is never exposed", a, owner)
+	}
+	if class, special := cidr.Special(a); special && !e.agentNets.Names(a) {
+		return fmt.Sprintf("%s is in the %s range, exposed only when the ps's --agent-cidrs names it", a, class)
+	}
+	if len(e.agentNets) > 0 && !e.agentNets.Contains(a) {
+		return fmt.Sprintf("%s is outside the ps's --agent-cidrs", a)
+	}
+	if cred.listsAddrs() {
+		if !cred.allows(a) {
+			return fmt.Sprintf("%s is outside the addresses this agent's credential lists", a)
+		}
+		return ""
+	}
+	if a != source.Unmap() {
+		return fmt.Sprintf("%s is not the tunnel's source address %s (a credential must list any other address its agent exposes)", a, source.Unmap())
+	}
+	return ""
+}
+
+// reserve replaces the set of addresses that are never exposed.
+func (e *exposure) reserve(m map[netip.Addr]string) {
+	e.mu.Lock()
+	e.reserved = m
+	e.mu.Unlock()
+}
+
+// refreshReserved collects the addresses that are never exposed: this PS's
+// advertise and interface addresses, the registry's, and every PS lease's
+// in the registry; then it refreshes them every period until ctx ends, so
+// that PS nodes joining the pool are covered within one period.
+func (p *PS) refreshReserved(ctx context.Context, period time.Duration) {
+	for {
+		p.exposure.reserve(p.reservedAddrs(ctx))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(period):
+		}
+	}
+}
+
+func (p *PS) reservedAddrs(ctx context.Context) map[netip.Addr]string {
+	m := map[netip.Addr]string{}
+	add := func(a netip.Addr, what string) {
+		if a.IsValid() {
+			if _, dup := m[a.Unmap()]; !dup {
+				m[a.Unmap()] = what
+			}
+		}
+	}
+	// The most specific description wins for an address that is several
+	// things (on one host, the registry and the ps may share 127.0.0.1).
+	add(p.advertise, "this ps ("+p.cfg.ID+")")
+	for _, a := range registryAddrs(ctx, p.cfg.Redis) {
+		add(a, "the registry")
+	}
+	lctx, cancel := context.WithTimeout(ctx, p.cfg.HandshakeTimeout)
+	defer cancel()
+	leases, err := p.reg.PSLeases(lctx)
+	if err != nil {
+		p.log.Debug("could not read ps leases for the reserved addresses; keeping the last set", "err", err)
+		p.exposure.mu.RLock()
+		for a, what := range p.exposure.reserved {
+			add(a, what)
+		}
+		p.exposure.mu.RUnlock()
+	}
+	for id, l := range leases {
+		add(l.Addr, "ps "+id)
+	}
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, ia := range addrs {
+			if pfx, err := netip.ParsePrefix(ia.String()); err == nil {
+				add(pfx.Addr(), "this ps's host")
+			}
+		}
+	}
+	return m
+}
+
+// registryAddrs resolves the host of a Redis URL; a unix socket URL or
+// one that does not resolve gives none.
+func registryAddrs(ctx context.Context, redisURL string) []netip.Addr {
+	u, err := url.Parse(redisURL)
+	if err != nil || u.Hostname() == "" {
+		return nil
+	}
+	if a, err := netip.ParseAddr(u.Hostname()); err == nil {
+		return []netip.Addr{a}
+	}
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	addrs, _ := net.DefaultResolver.LookupNetIP(rctx, "ip", u.Hostname())
+	return addrs
+}
