@@ -8,3 +8,4 @@ package bpf
 //go:generate -command bpf2go go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -nostdinc -Iinclude" -target bpfel
 //go:generate bpf2go -type route_key -type route_value -type backend -type orig_dst -type counter -type backend_state Redirect redirect.c
 //go:generate bpf2go Destroy destroy.c
+//go:generate bpf2go -type intent_counter Intent intent.c

@@ -52,6 +52,61 @@ struct {
 	__type(value, __u8);
 } tether_self SEC(".maps");
 
+/*
+ * tether_ps_deadline holds, per PS address, the monotonic time
+ * (bpf_ktime_get_ns) after which that PS's backends are dead: the latest
+ * lease expiry the redirector saw for a PS at that address, plus
+ * --kernel-grace. The redirector refreshes it while it runs; once no
+ * redirector is alive, the entries lapse on their own and redirect()
+ * stops picking those backends, so a dead PS's port can never be reused
+ * behind a kernel map nobody maintains.
+ *
+ * Keyed by the backend address the route value already carries, so the
+ * route value's layout (and a pinned route map of an older version) stays
+ * as it is, and one update per PS address per refresh covers all its
+ * backends. PSs sharing an address share the latest of their deadlines:
+ * with the redirector alive the route map itself marks a dead one; with
+ * it gone all lapse within a lease of each other.
+ *
+ * An address without an entry is not checked: a route map written by
+ * something other than the redirector (an older version before its first
+ * refresh, a benchmark) keeps working as before.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __be32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tether_ps_deadline SEC(".maps");
+
+/*
+ * tether_redirector_state is written by the redirector for `tether
+ * redirector status` (the programs never read it): whether the route map
+ * is full, how many routes are not in it, write errors, and when it was
+ * last written. A map of its own rather than slots in tether_counters,
+ * whose size a pinned map of an older version fixes. Indices: see
+ * redirector/state_linux.go.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 8);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tether_redirector_state SEC(".maps");
+
+/* backend_usable: a live backend whose PS deadline has not passed. */
+static __always_inline int backend_usable(const struct backend *b, __u64 now)
+{
+	if (b->state != BACKEND_LIVE)
+		return 0;
+	__be32 a = b->addr;
+	__u64 *d = bpf_map_lookup_elem(&tether_ps_deadline, &a);
+	return !d || now < *d;
+}
+
 /* What redirect() decided for one connect(); see redirect(). */
 enum redirect_result {
 	REDIRECT_NO_ROUTE = -1,
@@ -67,7 +122,8 @@ enum redirect_result {
  *     or the socket is the redirector's own (tether_self, not counted);
  *     nothing is written, and connect() goes to the target as dialed.
  *   REDIRECT_REFUSE (0): the target has a route but none of its backends is
- *     live, or the route changed while it was read (COUNTER_NO_BACKEND);
+ *     live (dead, or past its PS's deadline in tether_ps_deadline), or the
+ *     route changed while it was read (COUNTER_NO_BACKEND);
  *     nothing is written, and the caller fails connect() with EHOSTUNREACH.
  *   REDIRECT_REWRITE (1): *new_addr and *new_port hold the chosen backend
  *     (COUNTER_REDIRECTED), and the socket's tether_orig_dst records the
@@ -90,23 +146,28 @@ redirect(struct bpf_sock_addr *ctx, __be32 addr, __be16 port, __be32 *new_addr, 
 	if (bpf_sk_storage_get(&tether_self, ctx->sk, 0, 0))
 		return REDIRECT_NO_ROUTE;
 
-	__u32 live = 0;
+	/* Usable backends, as a bit mask: live, and their PS's deadline not
+	 * passed (tether_ps_deadline); each looked up once per connect. */
+	__u64 now = bpf_ktime_get_ns();
+	__u32 usable = 0, live = 0;
 #pragma unroll
 	for (int i = 0; i < MAX_BACKENDS; i++)
-		if (rv->backends[i].state == BACKEND_LIVE)
+		if (backend_usable(&rv->backends[i], now)) {
+			usable |= 1u << i;
 			live++;
+		}
 	if (live == 0) {
 		count(COUNTER_NO_BACKEND);
 		return REDIRECT_REFUSE;
 	}
 
-	/* Spread new connections over the live backends. */
+	/* Spread new connections over the usable backends. */
 	__u32 pick = bpf_get_prandom_u32() % live;
 	__u32 seen = 0;
 	struct backend chosen = {};
 #pragma unroll
 	for (int i = 0; i < MAX_BACKENDS; i++) {
-		if (rv->backends[i].state != BACKEND_LIVE)
+		if (!(usable & (1u << i)))
 			continue;
 		if (seen == pick) {
 			chosen = rv->backends[i];

@@ -67,20 +67,22 @@ type RedirectRouteValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	RedirectMapTetherCounters      = "tether_counters"
-	RedirectMapTetherDead          = "tether_dead"
-	RedirectMapTetherOrigDst       = "tether_orig_dst"
-	RedirectMapTetherRoutes        = "tether_routes"
-	RedirectMapTetherSelf          = "tether_self"
-	RedirectProgTetherConnect4     = "tether_connect4"
-	RedirectProgTetherConnect6     = "tether_connect6"
-	RedirectProgTetherGetpeername4 = "tether_getpeername4"
-	RedirectProgTetherGetpeername6 = "tether_getpeername6"
-	RedirectVarUnusedBackendState  = "unused_backend_state"
-	RedirectVarUnusedCounter       = "unused_counter"
-	RedirectVarUnusedOrigDst       = "unused_orig_dst"
-	RedirectVarUnusedRouteKey      = "unused_route_key"
-	RedirectVarUnusedRouteValue    = "unused_route_value"
+	RedirectMapTetherCounters        = "tether_counters"
+	RedirectMapTetherDead            = "tether_dead"
+	RedirectMapTetherOrigDst         = "tether_orig_dst"
+	RedirectMapTetherPsDeadline      = "tether_ps_deadline"
+	RedirectMapTetherRedirectorState = "tether_redirector_state"
+	RedirectMapTetherRoutes          = "tether_routes"
+	RedirectMapTetherSelf            = "tether_self"
+	RedirectProgTetherConnect4       = "tether_connect4"
+	RedirectProgTetherConnect6       = "tether_connect6"
+	RedirectProgTetherGetpeername4   = "tether_getpeername4"
+	RedirectProgTetherGetpeername6   = "tether_getpeername6"
+	RedirectVarUnusedBackendState    = "unused_backend_state"
+	RedirectVarUnusedCounter         = "unused_counter"
+	RedirectVarUnusedOrigDst         = "unused_orig_dst"
+	RedirectVarUnusedRouteKey        = "unused_route_key"
+	RedirectVarUnusedRouteValue      = "unused_route_value"
 )
 
 // LoadRedirect returns the embedded CollectionSpec for Redirect.
@@ -135,11 +137,13 @@ type RedirectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RedirectMapSpecs struct {
-	TetherCounters *ebpf.MapSpec `ebpf:"tether_counters"`
-	TetherDead     *ebpf.MapSpec `ebpf:"tether_dead"`
-	TetherOrigDst  *ebpf.MapSpec `ebpf:"tether_orig_dst"`
-	TetherRoutes   *ebpf.MapSpec `ebpf:"tether_routes"`
-	TetherSelf     *ebpf.MapSpec `ebpf:"tether_self"`
+	TetherCounters        *ebpf.MapSpec `ebpf:"tether_counters"`
+	TetherDead            *ebpf.MapSpec `ebpf:"tether_dead"`
+	TetherOrigDst         *ebpf.MapSpec `ebpf:"tether_orig_dst"`
+	TetherPsDeadline      *ebpf.MapSpec `ebpf:"tether_ps_deadline"`
+	TetherRedirectorState *ebpf.MapSpec `ebpf:"tether_redirector_state"`
+	TetherRoutes          *ebpf.MapSpec `ebpf:"tether_routes"`
+	TetherSelf            *ebpf.MapSpec `ebpf:"tether_self"`
 }
 
 // RedirectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -173,11 +177,13 @@ func (o *RedirectObjects) Close() error {
 //
 // It can be passed to LoadRedirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RedirectMaps struct {
-	TetherCounters *ebpf.Map `ebpf:"tether_counters"`
-	TetherDead     *ebpf.Map `ebpf:"tether_dead"`
-	TetherOrigDst  *ebpf.Map `ebpf:"tether_orig_dst"`
-	TetherRoutes   *ebpf.Map `ebpf:"tether_routes"`
-	TetherSelf     *ebpf.Map `ebpf:"tether_self"`
+	TetherCounters        *ebpf.Map `ebpf:"tether_counters"`
+	TetherDead            *ebpf.Map `ebpf:"tether_dead"`
+	TetherOrigDst         *ebpf.Map `ebpf:"tether_orig_dst"`
+	TetherPsDeadline      *ebpf.Map `ebpf:"tether_ps_deadline"`
+	TetherRedirectorState *ebpf.Map `ebpf:"tether_redirector_state"`
+	TetherRoutes          *ebpf.Map `ebpf:"tether_routes"`
+	TetherSelf            *ebpf.Map `ebpf:"tether_self"`
 }
 
 func (m *RedirectMaps) Close() error {
@@ -185,6 +191,8 @@ func (m *RedirectMaps) Close() error {
 		m.TetherCounters,
 		m.TetherDead,
 		m.TetherOrigDst,
+		m.TetherPsDeadline,
+		m.TetherRedirectorState,
 		m.TetherRoutes,
 		m.TetherSelf,
 	)

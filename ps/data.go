@@ -39,6 +39,12 @@ func (p *PS) handleConn(port uint16, c net.Conn, load connLoad) {
 		reset(c)
 		return
 	}
+	// Before anything reaches the agent: a connection meant for another
+	// target is reset here (intent.go).
+	if !p.intentAllows(port, c, b.target, src) {
+		reset(c)
+		return
+	}
 	s := b.sess.Load()
 	if s == nil {
 		// A fresh binding whose handshake is still finishing.

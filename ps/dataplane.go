@@ -1,6 +1,7 @@
 package ps
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -45,6 +46,7 @@ type listenerPlane struct {
 	addr    netip.Addr
 	handler connHandler
 	log     *slog.Logger
+	saveSYN bool
 
 	active atomic.Int64 // connections handed out and not yet returned
 
@@ -63,14 +65,20 @@ type portListener struct {
 	active atomic.Int64
 }
 
-func newListenerPlane(addr netip.Addr, h connHandler, log *slog.Logger) *listenerPlane {
-	return &listenerPlane{addr: addr, handler: h, log: log, lns: map[uint16]*portListener{}}
+// newListenerPlane builds the per-port data plane; with saveSYN every
+// listener keeps each connection's SYN for the intent check (intent.go).
+func newListenerPlane(addr netip.Addr, h connHandler, log *slog.Logger, saveSYN bool) *listenerPlane {
+	return &listenerPlane{addr: addr, handler: h, log: log, saveSYN: saveSYN, lns: map[uint16]*portListener{}}
 }
 
 var errPlaneClosed = errors.New("data plane closed")
 
 func (p *listenerPlane) Open(port uint16) error {
-	ln, err := net.Listen("tcp", net.JoinHostPort(p.addr.String(), strconv.Itoa(int(port))))
+	var lc net.ListenConfig
+	if p.saveSYN {
+		lc.Control = SaveSYN
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(p.addr.String(), strconv.Itoa(int(port))))
 	if err != nil {
 		return fmt.Errorf("listen on port %d: %w", port, err)
 	}

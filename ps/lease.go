@@ -2,6 +2,10 @@ package ps
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
 	"net/netip"
 	"time"
 
@@ -9,16 +13,65 @@ import (
 	"github.com/tether-net/tether/registry"
 )
 
+// claim takes the PS id for this instance under a fresh nonce, retrying
+// while the registry is unreachable. A live lease of another instance
+// refuses the start, but only once that instance is seen renewing: a
+// crashed predecessor's lease, which nobody renews, is waited out (at most
+// one lease) and taken over, so that a restart right after a crash is not
+// refused.
+func (p *PS) claim(ctx context.Context) error {
+	p.nonce = newNonce()
+	var first *registry.LeaseHeldError
+	for attempt := 0; ; attempt++ {
+		rctx, cancel := context.WithTimeout(ctx, p.cfg.Lease)
+		err := p.reg.ClaimPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: registry.PSActive, TTL: p.cfg.Lease, Nonce: p.nonce})
+		cancel()
+		var held *registry.LeaseHeldError
+		wait := p.cfg.Renew
+		switch {
+		case err == nil:
+			p.log.Info("claimed ps id", "nonce", p.nonce)
+			return nil
+		case errors.As(err, &held):
+			if first != nil && (held.Nonce != first.Nonce || held.RenewedMS != first.RenewedMS) {
+				return fmt.Errorf("%w; stop it or pick another --id", held)
+			}
+			if first == nil {
+				first = held
+				p.log.Warn("ps id held by another instance; waiting to see whether it is alive",
+					"holder", held.Addr, "lease_left", held.ExpiresIn)
+			}
+			wait = min(p.cfg.Renew, held.ExpiresIn+50*time.Millisecond)
+		case attempt == 0:
+			p.log.Warn("registry unreachable at start, retrying", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("start: %w", err)
+		case <-time.After(wait):
+		}
+	}
+}
+
+// newNonce returns 128 random bits in hex: the name of this instance.
+func newNonce() string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b) // crypto/rand.Read never fails (Go >= 1.24)
+	return hex.EncodeToString(b)
+}
+
 // renewLoop renews the PS's lease every Renew, and refreshes the gauges.
-// A failure is logged once per streak, and its recovery once.
-func (p *PS) renewLoop(ctx context.Context) {
+// A failure is logged once per streak, and its recovery once. It returns
+// an error only when the lease was taken over by another instance: this
+// one must stop serving (see leaseTaken).
+func (p *PS) renewLoop(ctx context.Context) error {
 	t := time.NewTicker(p.cfg.Renew)
 	defer t.Stop()
 	failing := false
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return nil
 		case <-t.C:
 		}
 		p.updateGauges()
@@ -26,8 +79,11 @@ func (p *PS) renewLoop(ctx context.Context) {
 			continue
 		}
 		if err := p.renew(ctx, registry.PSActive); err != nil {
+			if errors.Is(err, registry.ErrLeaseTaken) {
+				return p.leaseTaken(err)
+			}
 			if ctx.Err() != nil {
-				return
+				return nil
 			}
 			p.m.renewErrors.Inc()
 			if !failing {
@@ -171,17 +227,55 @@ func (p *PS) resync(ctx context.Context) error {
 	return nil
 }
 
+// leaseTaken records that another instance holds this PS's id and
+// returns the error Run ends with.
+func (p *PS) leaseTaken(err error) error {
+	p.leaseLost.Store(true)
+	p.log.Error("ps id taken over by another instance: stopping without touching its routes", "err", err)
+	return fmt.Errorf("stopped serving: %w", err)
+}
+
+// abandon stops serving after the id was taken over: listeners, data
+// plane and tunnels close at once, and nothing is written to the registry.
+// The routes under this id are the new holder's now; withdrawing them, or
+// forgetting the lease, would delete its state (the registry's guard
+// refuses such writes anyway, see registry.ClaimPS).
+func (p *PS) abandon() {
+	p.draining.Store(true)
+	p.lnMu.Lock()
+	if p.ln != nil {
+		_ = p.ln.Close()
+	}
+	p.lnMu.Unlock()
+	_ = p.plane.Close()
+	p.mu.Lock()
+	for s := range p.sessions {
+		_ = s.tun.Close()
+	}
+	p.mu.Unlock()
+	waitZero(&p.conns, p.cfg.HandshakeTimeout+time.Second)
+	p.log.Info("stopped serving; the registry was left to the new holder of the id")
+}
+
 // drain is the graceful stop: the lease turns "draining" (readers stop
 // sending new connections at once), the ports are quarantined and the
 // routes withdrawn, accepting stops, in-flight connections get up to
 // DrainTimeout to finish, then the tunnels close and the PS is forgotten.
 func (p *PS) drain(ctx context.Context) {
+	if p.leaseLost.Load() {
+		p.abandon()
+		return
+	}
 	p.draining.Store(true)
 	start := time.Now()
 	p.log.Info("draining", "drain_timeout", p.cfg.DrainTimeout)
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := p.renew(ctx, registry.PSDraining); err != nil {
+	if err := p.renew(ctx, registry.PSDraining); errors.Is(err, registry.ErrLeaseTaken) {
+		_ = p.leaseTaken(err)
+		p.abandon()
+		return
+	} else if err != nil {
 		p.log.Warn("drain: could not mark the lease draining", "err", err)
 	}
 	p.bmu.RLock()

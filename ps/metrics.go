@@ -29,6 +29,8 @@ type psMetrics struct {
 	// protocol after the handshake (reason agent_opened_stream, ...).
 	violations *prometheus.CounterVec
 	insecure   prometheus.Gauge
+	// intent counts the intent check's results (ps/intent.go).
+	intent *intentStats
 }
 
 func codeStrings(codes []tunnel.Code) []string {
@@ -78,6 +80,7 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 			[]string{"reason"}),
 		insecure: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_ps_insecure", Help: "1 when the PS runs with --insecure (agents need no credential), else 0."}),
+		intent: newIntentStats(),
 	}
 	// Every known result and reason is exported from the start, at zero, so
 	// that dashboards and rate() see a series before the first event.
@@ -94,9 +97,12 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 		m.connsRefused.WithLabelValues(r)
 	}
 	m.violations.WithLabelValues("agent_opened_stream")
+	for _, r := range intentResults {
+		m.intent.results.WithLabelValues(r)
+	}
 	for _, c := range []prometheus.Collector{m.tunnels, m.handshakes, m.endpoints, m.streamsOpen, m.streams,
 		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected,
-		m.connsRefused, m.idleClosed, m.violations, m.insecure} {
+		m.connsRefused, m.idleClosed, m.violations, m.insecure, m.intent.results} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -54,6 +54,7 @@ type Config struct {
 	MaxConns         int           `yaml:"max-conns" flag:"max-conns" usage:"client connections carried at once on all data ports"`
 	IdleTimeout      time.Duration `yaml:"idle-timeout" flag:"idle-timeout" usage:"close a client connection idle both ways this long (0 = never)"`
 	Resync           time.Duration `yaml:"resync" flag:"resync" usage:"how often the PS checks its routes in the registry and repairs them"`
+	Intent           string        `yaml:"intent" flag:"intent" usage:"check the intent carried in redirected clients' SYNs: off, verify (default) or require"`
 
 	// Logger, Registerer and Now are set by code, not by flags.
 	Logger     *slog.Logger          `yaml:"-"`
@@ -83,6 +84,7 @@ func DefaultConfig() Config {
 		MaxConnsPerPort:  4096,
 		MaxConns:         65536,
 		Resync:           10 * time.Second,
+		Intent:           IntentVerify,
 	}
 }
 
@@ -134,6 +136,9 @@ func (c *Config) Validate() error {
 	if c.StreamWindow < 256<<10 || c.StreamWindow > 1<<30 {
 		errs = append(errs, fmt.Errorf("--stream-window %d: want 256 KiB to 1 GiB", c.StreamWindow))
 	}
+	if err := validIntentMode(c.Intent); err != nil {
+		errs = append(errs, err)
+	}
 	if (c.TLSCert == "") != (c.TLSKey == "") || (c.TLSCA != "" && c.TLSCert == "") {
 		errs = append(errs, errors.New("--tls-cert and --tls-key go together, and --tls-ca needs them"))
 	}
@@ -178,6 +183,11 @@ type PS struct {
 	conns    atomic.Int64 // goroutines serving tunnels and handshakes
 	closed   chan struct{}
 	refusing atomic.Int32 // goroutines answering "busy"
+
+	// nonce names this instance in its lease (see claim); leaseLost is set
+	// once another instance has taken the id over.
+	nonce     string
+	leaseLost atomic.Bool
 }
 
 // New builds a PS from cfg. It does not listen yet: Run does.
@@ -227,7 +237,7 @@ func New(cfg Config) (*PS, error) {
 		bindings:  map[uint16]*binding{},
 		closed:    make(chan struct{}),
 	}
-	p.plane = newListenerPlane(p.advertise, p.handleConn, log)
+	p.plane = newListenerPlane(p.advertise, p.handleConn, log, cfg.Intent != IntentOff)
 	p.reg = cfg.Registry
 	if p.reg == nil {
 		p.reg, err = registry.New(registry.Config{URL: cfg.Redis, Logger: log})
@@ -282,7 +292,10 @@ func (p *PS) Run(ctx context.Context) error {
 	defer endLife()
 	loops, lctx := errgroup.WithContext(ctx)
 	loops.Go(func() error { return p.acceptTunnels(life, ln) })
-	loops.Go(func() error { p.renewLoop(lctx); return nil })
+	// A lease taken over by another instance ends the loops with an error:
+	// the drain then stops serving without touching the registry, and Run
+	// returns that error so the process exits non-zero.
+	loops.Go(func() error { return p.renewLoop(lctx) })
 	loops.Go(func() error { p.collectLoop(lctx); return nil })
 	loops.Go(func() error { p.resyncLoop(lctx); return nil })
 	loops.Go(func() error { p.refreshReserved(lctx, p.cfg.Renew); return nil })
@@ -298,22 +311,13 @@ func (p *PS) Run(ctx context.Context) error {
 	return err
 }
 
-// start renews the lease and removes the leftovers of an earlier run of
-// this PS id, quarantining their ports, before anything is published.
+// start claims the PS id for this instance (refusing to start while
+// another live instance holds it, see claim) and removes the leftovers of
+// an earlier run of this PS id, quarantining their ports, before anything
+// is published.
 func (p *PS) start(ctx context.Context) error {
-	var err error
-	for attempt := 0; ; attempt++ {
-		if err = p.renew(ctx, registry.PSActive); err == nil {
-			break
-		}
-		if attempt == 0 {
-			p.log.Warn("registry unreachable at start, retrying", "err", err)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("start: %w", err)
-		case <-time.After(p.cfg.Renew):
-		}
+	if err := p.claim(ctx); err != nil {
+		return err
 	}
 	until := time.Now().Add(p.cfg.Quarantine)
 	ports, err := p.reg.WithdrawAll(ctx, p.cfg.ID, until)
@@ -437,5 +441,7 @@ func (p *PS) renew(ctx context.Context, state registry.PSState) error {
 	defer cancel()
 	// Only the duration leaves this host: Redis stamps the expiry on its
 	// own clock, so a skewed clock here neither shortens nor stretches it.
-	return p.reg.RenewPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: state, TTL: p.cfg.Lease})
+	// The nonce guards the renewal: if another instance claimed the id,
+	// nothing is written and the error wraps registry.ErrLeaseTaken.
+	return p.reg.RenewPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: state, TTL: p.cfg.Lease, Nonce: p.nonce})
 }

@@ -137,6 +137,11 @@ func (p *PS) releaseBindings(ctx context.Context, bs []*binding, quarantine bool
 	}
 	until := time.Now().Add(p.cfg.Quarantine)
 	p.alloc.release(ports, until)
+	if p.leaseLost.Load() {
+		// Another instance holds this id now: its routes are not ours to
+		// touch (and the registry would refuse the write anyway).
+		return
+	}
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.HandshakeTimeout)
 	defer cancel()
 	if err := p.reg.Release(ctx, p.cfg.ID, pubs, until); err != nil {

@@ -2,8 +2,10 @@ package redirector
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
@@ -22,6 +24,7 @@ type Redirector struct {
 	reg    *registry.Registry
 	mirror *registry.Mirror
 	rec    *Reconciler
+	dl     *psDeadlines
 
 	destroyer socketDestroyer
 }
@@ -71,7 +74,8 @@ func New(cfg Config) (*Redirector, error) {
 		in.Close()
 		return nil, err
 	}
-	r := &Redirector{cfg: cfg, log: log, in: in, reg: reg, mirror: mirror, rec: rec, destroyer: destroyer}
+	dl := &psDeadlines{m: in.objs.TetherPsDeadline, reg: reg, grace: cfg.KernelGrace, log: log, synced: mirror.Ready()}
+	r := &Redirector{cfg: cfg, log: log, in: in, reg: reg, mirror: mirror, rec: rec, dl: dl, destroyer: destroyer}
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(r.collector()); err != nil {
 			r.Close()
@@ -91,19 +95,49 @@ func registryConfig(cfg Config, log *slog.Logger, in *Installation) registry.Con
 // Ready is closed once the first full load has reached the map.
 func (r *Redirector) Ready() <-chan struct{} { return r.mirror.Ready() }
 
-// Run keeps the map in sync until ctx ends.
+// Run keeps the map in sync until ctx ends: the mirror's changes, the
+// retries of failed writes, the PS deadlines, and the state for status.
 func (r *Redirector) Run(ctx context.Context) error {
 	eg, ctx := errgroup.WithContext(ctx)
 	eg.Go(func() error { return r.mirror.Run(ctx) })
+	eg.Go(func() error { r.rec.RunRetries(ctx); return nil })
+	eg.Go(func() error { r.dl.run(ctx); return nil })
+	eg.Go(func() error { r.storeState(ctx); return nil })
 	eg.Go(func() error {
 		select {
 		case <-r.mirror.Ready():
-			r.log.Info("route map in sync with the registry", "routes", r.rec.Entries())
+			r.log.Info("route map in sync with the registry", "routes", r.rec.Entries(), "routes_not_written", r.rec.State().Pending)
 		case <-ctx.Done():
 		}
 		return nil
 	})
 	return eg.Wait()
+}
+
+// Health is nil while every route is in the kernel map and the PS
+// deadlines are refreshed; it serves /healthz.
+func (r *Redirector) Health() error {
+	return errors.Join(r.rec.Health(), r.dl.healthy())
+}
+
+// storeState writes the write state into the pinned state map every
+// second, for `tether redirector status`.
+func (r *Redirector) storeState(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	logged := false
+	for {
+		err := writeStateMap(r.in.objs.TetherRedirectorState, r.rec.State(), r.cfg.KernelGrace)
+		if err != nil && !logged {
+			r.log.Warn("cannot store the route map state for `tether redirector status`", "err", err)
+		}
+		logged = err != nil
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // Close releases handles; pins and attachments stay.
@@ -120,20 +154,27 @@ func (r *Redirector) collector() prometheus.Collector {
 		routes:   prometheus.NewDesc("tether_redirector_routes", "Routes in the kernel route map.", nil, nil),
 		skipped: prometheus.NewDesc("tether_redirector_routes_skipped_total",
 			"Route targets kept out of the kernel map, by reason (not_ipv4, target_not_allowed); each target counts once.", []string{"reason"}, nil),
+		full: prometheus.NewDesc("tether_redirector_map_full",
+			"1 while routes are left out of the kernel route map because it is full (raise --map-size), else 0.", nil, nil),
+		pending: prometheus.NewDesc("tether_redirector_routes_not_written",
+			"Routes the kernel map should hold and does not (failed writes, retried); their clients' connects are not redirected.", nil, nil),
+		writeErrs: prometheus.NewDesc("tether_redirector_route_write_errors_total",
+			"Failed route map writes, by reason (map_full, other).", []string{"reason"}, nil),
+		dlErrs: prometheus.NewDesc("tether_redirector_deadline_refresh_errors_total",
+			"Failed refreshes of the PS deadlines in the kernel map.", nil, nil),
 	}
 }
 
 type kernelCollector struct {
-	r        *Redirector
-	counters *prometheus.Desc
-	routes   *prometheus.Desc
-	skipped  *prometheus.Desc
+	r                                *Redirector
+	counters, routes, skipped        *prometheus.Desc
+	full, pending, writeErrs, dlErrs *prometheus.Desc
 }
 
 func (c *kernelCollector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- c.counters
-	ch <- c.routes
-	ch <- c.skipped
+	for _, d := range []*prometheus.Desc{c.counters, c.routes, c.skipped, c.full, c.pending, c.writeErrs, c.dlErrs} {
+		ch <- d
+	}
 }
 
 func (c *kernelCollector) Collect(ch chan<- prometheus.Metric) {
@@ -146,4 +187,11 @@ func (c *kernelCollector) Collect(ch chan<- prometheus.Metric) {
 	for reason, n := range c.r.rec.Skipped() {
 		ch <- prometheus.MustNewConstMetric(c.skipped, prometheus.CounterValue, float64(n), reason)
 	}
+	st := c.r.rec.State()
+	ch <- prometheus.MustNewConstMetric(c.full, prometheus.GaugeValue, float64(b2u(st.Full)))
+	ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(st.Pending))
+	for reason, n := range st.Errors {
+		ch <- prometheus.MustNewConstMetric(c.writeErrs, prometheus.CounterValue, float64(n), reason)
+	}
+	ch <- prometheus.MustNewConstMetric(c.dlErrs, prometheus.CounterValue, float64(c.r.dl.errors.Load()))
 }

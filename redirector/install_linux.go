@@ -33,18 +33,47 @@ var hooks = []hook{
 	{"link_getpeername6", ebpf.AttachCgroupInet6GetPeername, func(o *bpf.RedirectObjects) *ebpf.Program { return o.TetherGetpeername6 }},
 }
 
+// --- intent-carrying SYN (bpf/intent.c) ---
+
+// intentHook is the sockops program that writes the intent option into the
+// SYN of redirected connections. It is its own object (it needs no route
+// map) sharing the pinned tether_orig_dst, so its program comes from
+// Installation.intent, not from the redirect objects.
+var intentHook = hook{name: "link_intent", attach: ebpf.AttachCGroupSockOps}
+
+// loadIntent loads bpf/intent.c against the maps pinned in dir (the redirect
+// object pinned them first) and attaches it to cgroup, or swaps it into the
+// pinned link.
+func (in *Installation) loadIntent(dir, cgroup string) error {
+	spec, err := bpf.LoadIntent()
+	if err != nil {
+		return fmt.Errorf("load intent eBPF spec: %w", err)
+	}
+	if err := spec.LoadAndAssign(&in.intent, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("load intent sockops program (verifier; needs Linux >= 5.10 header options): %+v", ve)
+		}
+		return permissionHint(fmt.Errorf("load intent sockops program: %w", err))
+	}
+	return attachOrUpdate(dir, cgroup, intentHook, in.intent.TetherIntent)
+}
+
+// --- end intent ---
+
 // Installation is the loaded programs and maps, attached to a cgroup and
 // pinned under a directory. Closing it releases this process's handles and
 // leaves the pins, so redirection goes on after the process exits.
 type Installation struct {
 	objs    bpf.RedirectObjects
+	intent  bpf.IntentObjects // the intent-carrying SYN (loadIntent)
 	PinDir  string
 	Cgroup  string
 	Updated bool // programs were swapped on existing links (a restart)
 }
 
 // Close releases the handles; the pinned maps and links stay.
-func (in *Installation) Close() error { return in.objs.Close() }
+func (in *Installation) Close() error { return errors.Join(in.objs.Close(), in.intent.Close()) }
 
 // Probe reports, as a clear error, what this kernel or process lacks to
 // run the redirector.
@@ -195,9 +224,13 @@ func Install(pinDir, cgroup string, mapSize uint32) (*Installation, error) {
 			return nil, err
 		}
 	}
+	if err := in.loadIntent(workDir, cgroup); err != nil {
+		in.Close()
+		return nil, err
+	}
 	if !existing {
 		if err := os.Rename(workDir, pinDir); err != nil {
-			in.objs.Close()
+			in.Close()
 			return nil, fmt.Errorf("move pins into %s: %w", pinDir, err)
 		}
 	}
@@ -233,7 +266,7 @@ func Uninstall(pinDir string) error {
 		return nil
 	}
 	var errs []error
-	for _, h := range hooks {
+	for _, h := range append(hooks[:len(hooks):len(hooks)], intentHook) {
 		pin := filepath.Join(pinDir, h.name)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if err != nil {

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/tether-net/tether/bpf"
 	"github.com/tether-net/tether/internal/cidr"
@@ -30,9 +31,13 @@ const (
 // operations it needs, so that the reconciler is tested without root
 // against a recording fake.
 type RouteMap interface {
-	// Put writes the entries in one batch.
+	// Put writes the entries. It goes on past a key it cannot write: its
+	// error is then a KeyErrors naming each failed key (any other error
+	// means no key is known written), wrapping ErrMapFull for a key
+	// refused because the map is full.
 	Put(keys []bpf.RedirectRouteKey, values []bpf.RedirectRouteValue) error
-	// Delete removes the keys in one batch; missing keys are not an error.
+	// Delete removes the keys; missing keys are not an error. It goes on
+	// past a key it cannot delete, as Put does.
 	Delete(keys []bpf.RedirectRouteKey) error
 	// Keys lists every key in the map.
 	Keys() ([]bpf.RedirectRouteKey, error)
@@ -70,7 +75,19 @@ type Reconciler struct {
 	// targets is the operator's --target-cidrs; see WithTargets.
 	targets cidr.List
 
-	mu sync.Mutex
+	// wmu serialises the map writes of Replace, Update and Retry, so a
+	// retry never writes a value an update has since replaced.
+	wmu sync.Mutex
+	mu  sync.Mutex
+	// pending holds the routes the map should hold and does not (writes
+	// that failed), for Retry; see reconcile_writes.go.
+	pending map[bpf.RedirectRouteKey]pendingRoute
+	// writeErrors counts failed writes by reason (WriteMapFull, WriteOther).
+	writeErrors map[string]uint64
+	// reported is the write state last logged (noteState), and when.
+	reported   writeState
+	reportedAt time.Time
+	now        func() time.Time
 	// live is the set of backend addresses some route currently holds as
 	// live; when one leaves it by dying (not by draining or withdrawal),
 	// the sockets redirected to it are destroyed.
@@ -100,7 +117,8 @@ func NewReconciler(m RouteMap, destroy Destroyer, log *slog.Logger, opts ...Reco
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	r := &Reconciler{m: m, destroy: destroy, log: log, live: map[netip.AddrPort]int{},
+	r := &Reconciler{m: m, destroy: destroy, log: log, live: map[netip.AddrPort]int{}, now: time.Now,
+		pending: map[bpf.RedirectRouteKey]pendingRoute{}, writeErrors: map[string]uint64{WriteMapFull: 0, WriteOther: 0},
 		skipped: map[string]uint64{SkipNotIPv4: 0, SkipTargetNotAllowed: 0}, remembered: map[netip.AddrPort]struct{}{}}
 	for _, o := range opts {
 		o(r)
@@ -130,40 +148,57 @@ func (r *Reconciler) Entries() int {
 	return r.entries
 }
 
-// Replace makes the map hold exactly routes: a batch write of all of them,
-// then the deletion of every key that is not among them.
+// Replace makes the map hold exactly routes. Stale keys are deleted
+// first, so that their room is free and no withdrawn route outlives a
+// failed write; then every route is written, those already in the map
+// first (an update of an existing key succeeds even in a full map). A
+// route that cannot be written has its key deleted (see fail) and is
+// retried later (Retry). The error is only for a map that cannot be
+// listed: write failures are the reconciler's to report (Health, State),
+// not the mirror's, which would log them on every resync.
 func (r *Reconciler) Replace(ctx context.Context, routes []registry.RouteState) error {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
 	keys, vals := r.encodeAll(routes)
 	want := make(map[bpf.RedirectRouteKey]struct{}, len(keys))
 	for _, k := range keys {
 		want[k] = struct{}{}
 	}
-	if err := r.m.Put(keys, vals); err != nil {
-		return fmt.Errorf("write %d routes: %w", len(keys), err)
-	}
 	have, err := r.m.Keys()
 	if err != nil {
 		return fmt.Errorf("list route map: %w", err)
 	}
+	present := make(map[bpf.RedirectRouteKey]struct{}, len(have))
 	var stale []bpf.RedirectRouteKey
 	for _, k := range have {
+		present[k] = struct{}{}
 		if _, ok := want[k]; !ok {
 			stale = append(stale, k)
 		}
 	}
-	if err := r.m.Delete(stale); err != nil {
-		return fmt.Errorf("delete %d stale routes: %w", len(stale), err)
-	}
 	r.mu.Lock()
-	r.entries = len(keys)
+	r.pending = map[bpf.RedirectRouteKey]pendingRoute{} // routes is the whole truth
+	r.mu.Unlock()
+	r.deleteKeys(stale)
+	// Existing keys first: when the map is full, changed routes still get
+	// their new value, and only new ones wait for room.
+	ks, vs := existingFirst(keys, vals, present)
+	r.putRoutes(ks, vs)
+	r.mu.Lock()
+	r.entries = len(keys) - r.pendingPutsLocked()
 	killed := r.trackLocked(routes, true)
 	r.mu.Unlock()
+	r.noteState()
 	r.destroyDead(ctx, killed)
 	return nil
 }
 
-// Update writes changed routes and deletes those without backends.
+// Update deletes the routes without backends, then writes the changed
+// ones; see Replace for what happens to a route that cannot be written.
+// When it freed room, routes waiting for it are retried at once.
 func (r *Reconciler) Update(ctx context.Context, routes []registry.RouteState) error {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
 	var putK []bpf.RedirectRouteKey
 	var putV []bpf.RedirectRouteValue
 	var delK []bpf.RedirectRouteKey
@@ -179,16 +214,22 @@ func (r *Reconciler) Update(ctx context.Context, routes []registry.RouteState) e
 		putK = append(putK, k)
 		putV = append(putV, *v)
 	}
-	if err := r.m.Put(putK, putV); err != nil {
-		return fmt.Errorf("write %d routes: %w", len(putK), err)
-	}
-	if err := r.m.Delete(delK); err != nil {
-		return fmt.Errorf("delete %d routes: %w", len(delK), err)
-	}
 	r.mu.Lock()
-	r.entries += len(putK) - len(delK) // approximate between full loads
-	killed := r.trackLocked(routes, false)
+	for _, k := range append(delK[:len(delK):len(delK)], putK...) {
+		delete(r.pending, k) // superseded by this newer desired state
+	}
 	r.mu.Unlock()
+	deleted := r.deleteKeys(delK)
+	written := r.putRoutes(putK, putV)
+	r.mu.Lock()
+	r.entries += written - deleted // approximate between full loads
+	killed := r.trackLocked(routes, false)
+	waiting := len(r.pending) > 0
+	r.mu.Unlock()
+	if deleted > 0 && waiting {
+		r.retryLocked()
+	}
+	r.noteState()
 	r.destroyDead(ctx, killed)
 	return nil
 }

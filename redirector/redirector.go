@@ -22,6 +22,7 @@ type Config struct {
 	Resync      time.Duration `yaml:"resync" flag:"resync" usage:"anti-entropy period: a full reload of the registry"`
 	MapSize     int           `yaml:"map-size" flag:"map-size" usage:"capacity of the route map (routes)"`
 	Metrics     string        `yaml:"metrics" flag:"metrics" usage:"address to serve /metrics and /healthz on (empty = off)"`
+	KernelGrace time.Duration `yaml:"kernel-grace" flag:"kernel-grace" usage:"how long past a PS's lease the kernel keeps redirecting to it when no redirector refreshes the map (a redirector restart must take less)"`
 
 	Logger     *slog.Logger          `yaml:"-"`
 	Registerer prometheus.Registerer `yaml:"-"`
@@ -38,6 +39,7 @@ func DefaultConfig() Config {
 		PinDir:      "/sys/fs/bpf/tether",
 		Resync:      30 * time.Second,
 		MapSize:     1000000,
+		KernelGrace: 2 * time.Minute,
 	}
 }
 
@@ -67,6 +69,9 @@ func (c *Config) Validate() error {
 	if c.MapSize < 1 || c.MapSize > 1<<26 {
 		errs = append(errs, fmt.Errorf("--map-size %d is out of range 1-%d", c.MapSize, 1<<26))
 	}
+	if c.KernelGrace < time.Second || c.KernelGrace > 24*time.Hour {
+		errs = append(errs, fmt.Errorf("--kernel-grace %v is out of range 1s-24h", c.KernelGrace))
+	}
 	return errors.Join(errs...)
 }
 
@@ -86,4 +91,25 @@ type Status struct {
 	Capacity uint32            `json:"capacity"`
 	Counters map[string]uint64 `json:"counters"`
 	Links    []string          `json:"links"`
+	// Writes is what the running (or last) redirector reported about its
+	// route map writes; nil when none has (an older version).
+	Writes *WriteStatus `json:"writes,omitempty"`
+	// Deadlines is the PS deadlines in the kernel map.
+	Deadlines DeadlineStatus `json:"ps_deadlines"`
+}
+
+// WriteStatus is the route map write state a redirector stored in the pins.
+type WriteStatus struct {
+	MapFull           bool              `json:"map_full"`
+	RoutesNotWritten  uint64            `json:"routes_not_written"`
+	WriteErrors       map[string]uint64 `json:"write_errors"`
+	UpdatedSecondsAgo float64           `json:"updated_seconds_ago"`
+	KernelGrace       string            `json:"kernel_grace"`
+}
+
+// DeadlineStatus is the per-PS deadlines in the kernel map: how many PS
+// addresses have one, and those past it (no longer redirected to).
+type DeadlineStatus struct {
+	PSAddresses int      `json:"ps_addresses"`
+	Lapsed      []string `json:"lapsed,omitempty"`
 }

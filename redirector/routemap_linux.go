@@ -2,8 +2,10 @@ package redirector
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/tether-net/tether/bpf"
 )
@@ -14,30 +16,65 @@ type kernelRouteMap struct{ m *ebpf.Map }
 // NewKernelRouteMap wraps the loaded route map (tether_routes).
 func NewKernelRouteMap(m *ebpf.Map) RouteMap { return kernelRouteMap{m} }
 
+// Put writes in batches; a batch stops at the first key the kernel
+// refuses, which is recorded, and the next batch starts after it.
 func (k kernelRouteMap) Put(keys []bpf.RedirectRouteKey, vals []bpf.RedirectRouteValue) error {
 	const chunk = 10000
-	for i := 0; i < len(keys); i += chunk {
+	var failed KeyErrors
+	for i := 0; i < len(keys); {
 		j := min(i+chunk, len(keys))
-		if _, err := k.m.BatchUpdate(keys[i:j], vals[i:j], nil); err != nil {
-			if !errors.Is(err, ebpf.ErrNotSupported) {
-				return err
-			}
-			for n := i; n < j; n++ {
-				if err := k.m.Update(&keys[n], &vals[n], ebpf.UpdateAny); err != nil {
-					return err
+		n, err := k.m.BatchUpdate(keys[i:j], vals[i:j], nil)
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			for ; i < j; i++ {
+				if err := k.m.Update(&keys[i], &vals[i], ebpf.UpdateAny); err != nil {
+					failed = append(failed, KeyError{i, mapError(err)})
 				}
 			}
+			continue
 		}
+		if err == nil {
+			i = j
+			continue
+		}
+		// keys[i:i+n] were written; keys[i+n] was refused.
+		if n < 0 || i+n >= j {
+			n = 0 // an unexpected count: retry the batch key by key
+			for ; i < j; i++ {
+				if err := k.m.Update(&keys[i], &vals[i], ebpf.UpdateAny); err != nil {
+					failed = append(failed, KeyError{i, mapError(err)})
+				}
+			}
+			continue
+		}
+		failed = append(failed, KeyError{i + n, mapError(err)})
+		i += n + 1
+	}
+	if len(failed) > 0 {
+		return failed
 	}
 	return nil
 }
 
+// mapError marks the errors of a full map with ErrMapFull: a hash map
+// answers a new key with E2BIG ("key too big for map") once it holds
+// max_entries (ENOSPC for some map types).
+func mapError(err error) error {
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
+		return fmt.Errorf("%w: %w", ErrMapFull, err)
+	}
+	return err
+}
+
 func (k kernelRouteMap) Delete(keys []bpf.RedirectRouteKey) error {
 	// One by one: a batch delete stops at the first missing key.
+	var failed KeyErrors
 	for i := range keys {
 		if err := k.m.Delete(&keys[i]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return err
+			failed = append(failed, KeyError{i, err})
 		}
+	}
+	if len(failed) > 0 {
+		return failed
 	}
 	return nil
 }

@@ -1,7 +1,9 @@
 package redirector
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
@@ -34,13 +36,64 @@ func ReadStatus(pinDir string) (Status, error) {
 	if st.Counters, err = Counters(counters); err != nil {
 		return st, err
 	}
-	for _, h := range hooks {
+	if err := readWriteState(pinDir, &st); err != nil {
+		return st, err
+	}
+	if err := readIntentCounters(pinDir, st.Counters); err != nil {
+		return st, err
+	}
+	for _, h := range append(hooks[:len(hooks):len(hooks)], intentHook) {
 		if l, err := link.LoadPinnedLink(filepath.Join(pinDir, h.name), nil); err == nil {
 			st.Links = append(st.Links, h.name)
 			l.Close()
 		}
 	}
 	return st, nil
+}
+
+// readWriteState fills st.Writes and st.Deadlines from their pinned maps;
+// an installation by an older version has neither, which is no error.
+func readWriteState(pinDir string, st *Status) error {
+	ro := &ebpf.LoadPinOptions{ReadOnly: true}
+	if m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.RedirectMapTetherRedirectorState), ro); err == nil {
+		defer m.Close()
+		if st.Writes, err = readStateMap(m); err != nil {
+			return err
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("open pinned redirector state: %w", err)
+	}
+	if m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.RedirectMapTetherPsDeadline), ro); err == nil {
+		defer m.Close()
+		if st.Deadlines, err = readDeadlines(m); err != nil {
+			return fmt.Errorf("read PS deadlines: %w", err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("open pinned PS deadlines: %w", err)
+	}
+	return nil
+}
+
+// readIntentCounters adds the intent program's counters (SYNs that carried
+// the intent option, and redirected SYNs without room for it) to out; an
+// installation without the intent program has none, which is no error.
+func readIntentCounters(pinDir string, out map[string]uint64) error {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.IntentMapTetherIntentCounters), &ebpf.LoadPinOptions{ReadOnly: true})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open pinned intent counters: %w", err)
+	}
+	defer m.Close()
+	for c, name := range map[uint32]string{uint32(bpf.IntentIntentCounterINTENT_WRITTEN): "intent_written", uint32(bpf.IntentIntentCounterINTENT_NO_ROOM): "intent_no_room"} {
+		sum, err := readCounter(m, bpf.RedirectCounter(c))
+		if err != nil {
+			return err
+		}
+		out[name] = sum
+	}
+	return nil
 }
 
 // Counters reads the per-CPU counters, summed over CPUs, by name.

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -46,6 +47,10 @@ type Registry struct {
 	maxLen int64
 	log    *slog.Logger
 	now    func() time.Time
+	// claims holds, per PS id this Registry claimed (ClaimPS), the nonce
+	// that guards every later write for that id (RenewPS, Publish,
+	// Release, WithdrawAll, Forget).
+	claims sync.Map
 }
 
 // Timeouts of every Redis connection. A caller's ctx deadline, when

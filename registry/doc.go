@@ -43,10 +43,10 @@
 // "tether"), so the Lua scripts that touch several keys work on a single
 // server, under Sentinel and on a Cluster alike (all keys live in one slot).
 //
-//	{P}:ps:<ps_id>          HASH   addr, expires_ms, state (active|draining), renewed_ms
+//	{P}:ps:<ps_id>          HASH   addr, expires_ms, state (active|draining), renewed_ms, nonce (the holding instance)
 //	                               (both times unix ms on Redis's clock)
 //	{P}:pses                SET    ids of all PS nodes that have a ps key
-//	{P}:route:<ip:port>     HASH   field <ps_id> -> JSON {"port":N,"agent_id":"...","owner":"..."}
+//	{P}:route:<ip:port>     HASH   field <ps_id> -> JSON {"port":N,"agent_id":"...","owner":"...","addr":"<PS ip at publish>"}
 //	                               (owner absent when there is none)
 //	{P}:targets             SET    every target that has at least one backend
 //	{P}:psroutes:<ps_id>    HASH   field <port> -> target: the PS's ports in use

@@ -2,9 +2,11 @@ package registry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -23,16 +25,54 @@ local function server_ms()
 end
 `
 
-// renewScript writes a PS's lease stamped with Redis's clock. KEYS[1] is
-// the hash tag; ARGV: ps_id, addr, state, ttl_ms, maxlen.
-var renewScript = redis.NewScript(luaServerMS + `
-local p, id, maxlen = KEYS[1], ARGV[1], ARGV[5]
+// luaLeaseTaken defines lease_taken(p, ps, nonce): whether PS ps's lease
+// is held under another instance's nonce. Every write on behalf of a
+// claimed id (nonce non-empty) checks it in the same script, so an
+// instance whose id was taken over cannot touch the new holder's routes,
+// quarantine or lease, whatever it still has in flight. An absent lease,
+// or one written without a nonce, takes no side.
+const luaLeaseTaken = `
+local function lease_taken(p, ps, nonce)
+  if nonce == '' then return false end
+  local cur = redis.call('HGET', p .. ':ps:' .. ps, 'nonce')
+  return cur ~= false and cur ~= nonce
+end
+`
+
+// leaseTakenReply is the error reply of a guarded script that found the
+// lease taken (see luaLeaseTaken and guardErr).
+const leaseTakenReply = "TETHER_LEASE_TAKEN"
+
+// leaseScript writes a PS's lease stamped with Redis's clock. KEYS[1] is
+// the hash tag; ARGV: ps_id, addr, state, ttl_ms, maxlen, nonce, mode.
+//
+// With a nonce, mode "claim" refuses a lease that is live under another
+// nonce, replying {"H", addr, ms_left, renewed_ms, nonce}; mode "renew"
+// refuses a lease that carries another nonce, live or not (another
+// instance claimed the id: this one's routes were withdrawn by it),
+// replying {"T", addr, ms_left}. Otherwise it writes and replies {"OK"}.
+var leaseScript = redis.NewScript(luaServerMS + `
+local p, id, maxlen, nonce, mode = KEYS[1], ARGV[1], ARGV[5], ARGV[6], ARGV[7]
+local key = p .. ':ps:' .. id
 local now = server_ms()
-redis.call('HSET', p .. ':ps:' .. id, 'addr', ARGV[2], 'state', ARGV[3],
+if nonce ~= '' then
+  local cur = redis.call('HMGET', key, 'nonce', 'expires_ms', 'addr', 'renewed_ms')
+  if cur[1] and cur[1] ~= nonce then
+    local left = (tonumber(cur[2] or '0') or 0) - now
+    if mode == 'renew' then return {'T', cur[3] or '', left} end
+    if left > 0 then return {'H', cur[3] or '', left, cur[4] or '', cur[1]} end
+  elseif not cur[1] and mode == 'claim' and redis.call('EXISTS', key) == 1 then
+    -- A lease written without a nonce (an older version): held while live.
+    local left = (tonumber(cur[2] or '0') or 0) - now
+    if left > 0 then return {'H', cur[3] or '', left, cur[4] or '', ''} end
+  end
+  redis.call('HSET', key, 'nonce', nonce)
+end
+redis.call('HSET', key, 'addr', ARGV[2], 'state', ARGV[3],
   'expires_ms', string.format('%d', now + tonumber(ARGV[4])), 'renewed_ms', string.format('%d', now))
 redis.call('SADD', p .. ':pses', id)
 redis.call('XADD', p .. ':changes', 'MAXLEN', '~', maxlen, '*', 'k', 'ps', 'id', id)
-return now
+return {'OK'}
 `)
 
 // readLeasesScript returns Redis's now (ms) followed by the HGETALL of the
@@ -45,13 +85,77 @@ end
 return out
 `)
 
+// nonceOf returns the nonce r claimed psID under (ClaimPS), or "" for an
+// id it never claimed (its writes are unguarded).
+func (r *Registry) nonceOf(psID string) string {
+	n, _ := r.claims.Load(psID)
+	s, _ := n.(string)
+	return s
+}
+
+// guardErr turns a guarded script's "lease taken" reply into ErrLeaseTaken.
+func guardErr(err error) error {
+	if err != nil && strings.Contains(err.Error(), leaseTakenReply) {
+		return ErrLeaseTaken
+	}
+	return err
+}
+
+// ClaimPS takes PS id l.ID for the instance l.Nonce names: it writes the
+// lease as RenewPS does, unless another instance's lease for the id is
+// still live (on Redis's clock), in which case it writes nothing and
+// returns a *LeaseHeldError naming that instance's address. A lease that
+// lapsed (a crashed predecessor) is taken over. After a claim, every write
+// this Registry makes for the id is guarded by the nonce: once another
+// instance claims the id, they fail with ErrLeaseTaken and change nothing.
+func (r *Registry) ClaimPS(ctx context.Context, l PSLease) error {
+	if l.Nonce == "" {
+		return fmt.Errorf("claim ps %s: a nonce is required", l.ID)
+	}
+	res, err := r.writeLease(ctx, l, "claim")
+	if err != nil {
+		return fmt.Errorf("claim ps %s: %w", l.ID, err)
+	}
+	switch {
+	case len(res) == 5 && res[0] == "H":
+		left, _ := res[2].(int64)
+		renewed, _ := strconv.ParseInt(fmt.Sprint(res[3]), 10, 64)
+		addr, _ := res[1].(string)
+		nonce, _ := res[4].(string)
+		return &LeaseHeldError{ID: l.ID, Addr: addr, Nonce: nonce, ExpiresIn: time.Duration(left) * time.Millisecond, RenewedMS: renewed}
+	case len(res) == 1 && res[0] == "OK":
+		r.claims.Store(l.ID, l.Nonce)
+		return nil
+	}
+	return fmt.Errorf("claim ps %s: %w: unexpected reply %v", l.ID, ErrBadData, res)
+}
+
 // RenewPS writes the PS's lease (address, state, and an expiry of Redis's
 // now plus l.TTL) and announces it on the change feed. Without a TTL,
 // l.ExpiresAt minus Config.Now is the TTL: both are the writer's clock, so
 // only a duration leaves the host.
+//
+// The renewal is guarded by l.Nonce, or else by the nonce this Registry
+// claimed the id under (see ClaimPS): if another instance claimed the id
+// since, nothing is written and the error wraps ErrLeaseTaken.
 func (r *Registry) RenewPS(ctx context.Context, l PSLease) error {
+	if l.Nonce == "" {
+		l.Nonce = r.nonceOf(l.ID)
+	}
+	res, err := r.writeLease(ctx, l, "renew")
+	if err != nil {
+		return fmt.Errorf("renew lease of ps %s: %w", l.ID, err)
+	}
+	if len(res) == 3 && res[0] == "T" {
+		return fmt.Errorf("renew lease of ps %s: %w: now held by the instance at %s", l.ID, ErrLeaseTaken, textclip.Short(fmt.Sprint(res[1])))
+	}
+	return nil
+}
+
+// writeLease runs leaseScript in mode and returns its reply.
+func (r *Registry) writeLease(ctx context.Context, l PSLease, mode string) ([]any, error) {
 	if err := validPSID(l.ID); err != nil {
-		return err
+		return nil, err
 	}
 	if l.State == "" {
 		l.State = PSActive
@@ -59,16 +163,12 @@ func (r *Registry) RenewPS(ctx context.Context, l PSLease) error {
 	ttl := l.TTL
 	if ttl == 0 {
 		if l.ExpiresAt.IsZero() {
-			return fmt.Errorf("renew lease of ps %s: neither a TTL nor an expiry given", l.ID)
+			return nil, errors.New("neither a TTL nor an expiry given")
 		}
 		ttl = l.ExpiresAt.Sub(r.now())
 	}
-	err := renewScript.Run(ctx, r.rdb, []string{r.keys.p},
-		l.ID, l.Addr.String(), string(l.State), ttl.Milliseconds(), r.maxLen).Err()
-	if err != nil {
-		return fmt.Errorf("renew lease of ps %s: %w", l.ID, err)
-	}
-	return nil
+	return leaseScript.Run(ctx, r.rdb, []string{r.keys.p},
+		l.ID, l.Addr.String(), string(l.State), ttl.Milliseconds(), r.maxLen, l.Nonce, mode).Slice()
 }
 
 // PSLeases returns every PS lease in the registry, live or not.
@@ -152,5 +252,5 @@ func parseLease(id string, m map[string]string, sent time.Time, srvNow int64) (P
 	if st != PSActive && st != PSDraining {
 		return PSLease{}, fmt.Errorf("%w: ps %s state %q", ErrBadData, id, textclip.Short(m["state"]))
 	}
-	return PSLease{ID: id, Addr: addr, State: st, ExpiresAt: localTime(sent, srvNow, ms)}, nil
+	return PSLease{ID: id, Addr: addr, State: st, Nonce: m["nonce"], ExpiresAt: localTime(sent, srvNow, ms)}, nil
 }

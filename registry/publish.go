@@ -13,8 +13,10 @@ import (
 	"github.com/tether-net/tether/internal/textclip"
 )
 
-// publishScript publishes backends of one PS. ARGV: ps_id, maxlen, then
-// quadruples (target, port, agent_id, owner). It returns, per quadruple, ""
+// publishScript publishes backends of one PS. ARGV: ps_id, maxlen, nonce
+// (see luaLeaseTaken: "" for none), then quadruples (target, port,
+// agent_id, owner). Each entry records the address in the PS's lease, so
+// an entry says which instance's address it was published with. It returns, per quadruple, ""
 // on success, or the live holder that refuses it: "A" then its agent id
 // for another agent, "O" then its agent id for the same agent id under
 // another credential (both owners non-empty and different; an entry of an
@@ -22,12 +24,14 @@ import (
 // compared only with other PS nodes' entries: on its own PS, a newer
 // session of the agent was already admitted by the PS. Liveness is judged
 // on Redis's clock.
-var publishScript = redis.NewScript(luaServerMS + `
+var publishScript = redis.NewScript(luaServerMS + luaLeaseTaken + `
 local p, ps, maxlen = KEYS[1], ARGV[1], ARGV[2]
+if lease_taken(p, ps, ARGV[3]) then return redis.error_reply('` + leaseTakenReply + `') end
 local now = server_ms()
+local addr = redis.call('HGET', p .. ':ps:' .. ps, 'addr')
 local res = {}
 local n = 0
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local target, port, agent, owner = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
   local rkey = p .. ':route:' .. target
   local holder = ''
@@ -61,6 +65,7 @@ for i = 3, #ARGV, 4 do
     if replaced then redis.call('HDEL', p .. ':psroutes:' .. ps, replaced) end
     local e = {port = tonumber(port), agent_id = agent}
     if owner ~= '' then e.owner = owner end
+    if addr then e.addr = addr end
     redis.call('HSET', rkey, ps, cjson.encode(e))
     redis.call('SADD', p .. ':targets', target)
     redis.call('HSET', p .. ':psroutes:' .. ps, port, target)
@@ -74,8 +79,8 @@ return res
 
 // withdrawScript removes backends of one PS, first quarantining their ports
 // when asked. ARGV: ps_id, maxlen, quarantine_ms ("" for none: how long,
-// counted on Redis's clock, the ports stay quarantined), then pairs
-// (target, port).
+// counted on Redis's clock, the ports stay quarantined), nonce (see
+// luaLeaseTaken), then pairs (target, port).
 //
 // The quarantine of every port in the call is written before any backend
 // is removed: Redis does not roll a script back when it fails halfway, so
@@ -84,17 +89,18 @@ return res
 // still has that port, so a late withdraw never removes a newer publication
 // (its port is quarantined all the same: the PS gave it up). It returns the
 // number of backends removed.
-var withdrawScript = redis.NewScript(luaServerMS + `
+var withdrawScript = redis.NewScript(luaServerMS + luaLeaseTaken + `
 local p, ps, maxlen, qfor = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+if lease_taken(p, ps, ARGV[4]) then return redis.error_reply('` + leaseTakenReply + `') end
 if qfor ~= '' then
   local quntil = string.format('%d', server_ms() + tonumber(qfor))
   local qkey = p .. ':quarantine:' .. ps
-  for i = 4, #ARGV, 2 do
+  for i = 5, #ARGV, 2 do
     redis.call('ZADD', qkey, 'GT', quntil, ARGV[i+1])
   end
 end
 local removed = 0
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local target, port = ARGV[i], ARGV[i+1]
   local rkey = p .. ':route:' .. target
   local raw = redis.call('HGET', rkey, ps)
@@ -131,7 +137,7 @@ func (r *Registry) Publish(ctx context.Context, psID string, pubs []Publication)
 	out := make([]error, len(pubs))
 	for start := 0; start < len(pubs); start += batchSize {
 		end := min(start+batchSize, len(pubs))
-		args := []any{psID, r.maxLen}
+		args := []any{psID, r.maxLen, r.nonceOf(psID)}
 		for _, p := range pubs[start:end] {
 			if !p.Target.IsValid() || p.Port == 0 || p.AgentID == "" {
 				return nil, fmt.Errorf("publish %v: target, port and agent id are required", p)
@@ -140,7 +146,7 @@ func (r *Registry) Publish(ctx context.Context, psID string, pubs []Publication)
 		}
 		res, err := publishScript.Run(ctx, r.rdb, []string{r.keys.p}, args...).StringSlice()
 		if err != nil {
-			return nil, fmt.Errorf("publish routes of ps %s: %w", psID, err)
+			return nil, fmt.Errorf("publish routes of ps %s: %w", psID, guardErr(err))
 		}
 		for i, holder := range res {
 			if holder != "" {
@@ -186,12 +192,12 @@ func (r *Registry) quarantineFor(until time.Time) string {
 func (r *Registry) withdraw(ctx context.Context, psID string, pubs []Publication, quarantineMS string) error {
 	for start := 0; start < len(pubs); start += batchSize {
 		end := min(start+batchSize, len(pubs))
-		args := []any{psID, r.maxLen, quarantineMS}
+		args := []any{psID, r.maxLen, quarantineMS, r.nonceOf(psID)}
 		for _, p := range pubs[start:end] {
 			args = append(args, p.Target.String(), strconv.Itoa(int(p.Port)))
 		}
 		if err := withdrawScript.Run(ctx, r.rdb, []string{r.keys.p}, args...).Err(); err != nil {
-			return fmt.Errorf("withdraw routes of ps %s: %w", psID, err)
+			return fmt.Errorf("withdraw routes of ps %s: %w", psID, guardErr(err))
 		}
 	}
 	return nil
@@ -278,16 +284,25 @@ func (r *Registry) Quarantined(ctx context.Context, psID string) (map[uint16]tim
 	return out, nil
 }
 
+// forgetScript deletes a PS's lease and removes it from the set of PS
+// nodes. ARGV: ps_id, maxlen, nonce (see luaLeaseTaken).
+var forgetScript = redis.NewScript(luaLeaseTaken + `
+local p, ps = KEYS[1], ARGV[1]
+if lease_taken(p, ps, ARGV[3]) then return redis.error_reply('` + leaseTakenReply + `') end
+redis.call('DEL', p .. ':ps:' .. ps)
+redis.call('SREM', p .. ':pses', ps)
+redis.call('XADD', p .. ':changes', 'MAXLEN', '~', ARGV[2], '*', 'k', 'ps', 'id', ps)
+return 1
+`)
+
 // Forget removes a PS's lease and port records after its backends were
 // withdrawn (a clean shutdown, or a peer's cleanup of a dead PS). The
-// quarantine set stays until it runs out.
+// quarantine set stays until it runs out. For an id this Registry claimed,
+// it is guarded like RenewPS: a lease another instance took is left alone.
 func (r *Registry) Forget(ctx context.Context, psID string) error {
-	pipe := r.rdb.TxPipeline()
-	pipe.Del(ctx, r.keys.ps(psID))
-	pipe.SRem(ctx, r.keys.pses(), psID)
-	r.addChange(ctx, pipe, ChangePS, psID)
-	if _, err := pipe.Exec(ctx); err != nil {
-		return fmt.Errorf("forget ps %s: %w", psID, err)
+	err := forgetScript.Run(ctx, r.rdb, []string{r.keys.p}, psID, r.maxLen, r.nonceOf(psID)).Err()
+	if err != nil {
+		return fmt.Errorf("forget ps %s: %w", psID, guardErr(err))
 	}
 	return nil
 }

@@ -126,7 +126,8 @@ func (r *Registry) readRoutes(ctx context.Context, targets []string, leases map[
 
 // buildRoute joins a route hash with the PS leases. A backend whose PS has
 // no lease at all is kept with a zero expiry (dead), so readers can tell it
-// apart from a missing one.
+// apart from a missing one. An entry published with another address than
+// its PS's lease now has is left out (see entry.Addr).
 func (r *Registry) buildRoute(target netip.AddrPort, raw map[string]string, leases map[string]PSLease) Route {
 	rt := Route{Target: target, Backends: make([]Backend, 0, len(raw))}
 	for psID, v := range raw {
@@ -136,6 +137,13 @@ func (r *Registry) buildRoute(target netip.AddrPort, raw map[string]string, leas
 			continue
 		}
 		l := leases[psID]
+		if stale := e.Addr != "" && l.Addr.IsValid() && e.Addr != l.Addr.String(); stale {
+			// Published by an earlier instance of this id at another
+			// address, whose leftovers the new holder withdraws at its
+			// start: the new holder's address with the old port would lead
+			// nowhere it chose, so the entry is not a backend at all.
+			continue
+		}
 		// Without a lease the address is invalid but the port is kept, so a
 		// reader that learns the lease later still knows where to go.
 		b := Backend{PSID: psID, AgentID: e.AgentID, Owner: e.Owner, ExpiresAt: l.ExpiresAt, Draining: l.State == PSDraining,

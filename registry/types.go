@@ -22,6 +22,13 @@ var (
 	ErrCursorLost = errors.New("change feed cursor lost, full resync needed")
 	// ErrBadData means a value in Redis could not be decoded.
 	ErrBadData = errors.New("malformed registry data")
+	// ErrLeaseHeld means ClaimPS found the id's lease live under another
+	// instance's nonce (see LeaseHeldError).
+	ErrLeaseHeld = errors.New("ps id is held by another live instance")
+	// ErrLeaseTaken means a write on behalf of a claimed PS id (renew,
+	// publish, withdraw, forget) found the lease under another instance's
+	// nonce: another instance took the id over, and nothing was written.
+	ErrLeaseTaken = errors.New("ps lease taken over by another instance")
 )
 
 // PSState is the state a PS advertises in its lease.
@@ -44,6 +51,10 @@ type PSLease struct {
 	ID    string
 	Addr  netip.Addr
 	State PSState
+	// Nonce names the instance (process) that holds the id: random, made
+	// at its start. A writer that sets it claims the id (ClaimPS) and has
+	// its renewals guarded; "" (tests, tools) writes without a guard.
+	Nonce string
 	// TTL is what a writer (RenewPS) sets: how long the lease lasts,
 	// counted by Redis from the moment it applies the renewal. Readers
 	// leave it zero.
@@ -123,6 +134,25 @@ func (b Backend) MarshalJSON() ([]byte, error) {
 	return json.Marshal(wire{b.PSID, b.Address.String(), b.AgentID, b.Owner, b.ExpiresAt.UTC().Format(time.RFC3339Nano), b.Draining})
 }
 
+// LeaseHeldError is what ClaimPS returns when another instance holds the
+// id's lease, live: its address, how long its lease has left, and when it
+// was last renewed (unix ms on Redis's clock, to tell a live holder, whose
+// renewals move it, from a crashed one). It wraps ErrLeaseHeld.
+type LeaseHeldError struct {
+	ID        string
+	Addr      string
+	Nonce     string
+	ExpiresIn time.Duration
+	RenewedMS int64
+}
+
+func (e *LeaseHeldError) Error() string {
+	return fmt.Sprintf("ps id %s is held by a live instance at %s (lease expires in %v)",
+		e.ID, textclip.Short(e.Addr), e.ExpiresIn.Round(100*time.Millisecond))
+}
+
+func (e *LeaseHeldError) Unwrap() error { return ErrLeaseHeld }
+
 // ConflictError is the error Publish returns for a publication refused
 // because the target is held: by another agent, or by the same agent id
 // under another credential (OtherCredential). It wraps ErrConflict.
@@ -142,11 +172,14 @@ func (e *ConflictError) Error() string {
 func (e *ConflictError) Unwrap() error { return ErrConflict }
 
 // entry is the JSON stored in a route hash field. Owner is absent in
-// entries written before owners existed, which reads as "".
+// entries written before owners existed, which reads as "". Addr is the
+// address in the PS's lease when the entry was published (absent in older
+// entries, and when the PS had no lease yet).
 type entry struct {
 	Port    uint16 `json:"port"`
 	AgentID string `json:"agent_id"`
 	Owner   string `json:"owner,omitempty"`
+	Addr    string `json:"addr,omitempty"`
 }
 
 func decodeEntry(raw string) (entry, error) {

@@ -44,7 +44,13 @@ func runDaemon(cmd *cobra.Command, g *globalFlags, cfg validator, metricsAddr *s
 	}
 	defer r.Close()
 	eg, ctx := errgroup.WithContext(cmd.Context())
-	eg.Go(func() error { return daemon.ServeMetrics(ctx, *metricsAddr, reg, log, nil) })
+	// A daemon that can tell it is unhealthy (the redirector with a full
+	// route map) makes /healthz say so.
+	var checks []func() error
+	if h, ok := r.(interface{ Health() error }); ok {
+		checks = append(checks, h.Health)
+	}
+	eg.Go(func() error { return daemon.ServeMetrics(ctx, *metricsAddr, reg, log, nil, checks...) })
 	eg.Go(func() error { return r.Run(ctx) })
 	return eg.Wait()
 }

@@ -47,8 +47,9 @@ func NewRegistry() *prometheus.Registry {
 
 // ServeMetrics serves /metrics from g and /healthz on addr until ctx ends.
 // An empty addr disables it and returns nil at once. ready, when not nil,
-// receives the bound address (useful with port 0).
-func ServeMetrics(ctx context.Context, addr string, g prometheus.Gatherer, log *slog.Logger, ready func(net.Addr)) error {
+// receives the bound address (useful with port 0). /healthz answers 200
+// "ok" while every check returns nil, else 503 with the checks' errors.
+func ServeMetrics(ctx context.Context, addr string, g prometheus.Gatherer, log *slog.Logger, ready func(net.Addr), checks ...func() error) error {
 	if addr == "" {
 		return nil
 	}
@@ -58,7 +59,7 @@ func ServeMetrics(ctx context.Context, addr string, g prometheus.Gatherer, log *
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { serveHealth(w, checks) })
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	if ready != nil {
 		ready(ln.Addr())
@@ -78,4 +79,21 @@ func ServeMetrics(ctx context.Context, addr string, g prometheus.Gatherer, log *
 		}
 		return fmt.Errorf("metrics server: %w", err)
 	}
+}
+
+// serveHealth answers /healthz from the checks.
+func serveHealth(w http.ResponseWriter, checks []func() error) {
+	var errs []error
+	for _, c := range checks {
+		if err := c(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == 0 {
+		_, _ = io.WriteString(w, "ok\n")
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(http.StatusServiceUnavailable)
+	_, _ = io.WriteString(w, "not ok: "+errors.Join(errs...).Error()+"\n")
 }
