@@ -133,6 +133,7 @@ func TestCompanyNetwork(t *testing.T) {
 	}{
 		{"the client in the cgroup reaches every agent by its own IP, nothing else changes", reachAgentsByOwnIP},
 		{"each agent's two tunnels sit on distinct PS nodes", tunnelsOnDistinctPS},
+		{"the intent in redirected SYNs crosses the core router and is verified by the PS", intentCrossesTheNetwork},
 		{"bad input on the wire is refused and the others keep working", badInputIsRefused},
 		{"200 exposed endpoints across the agents are all reachable", manyEndpoints},
 		{"a PS drain (SIGTERM) fails no request", psDrain},
@@ -179,6 +180,51 @@ func tunnelsOnDistinctPS(t *testing.T, w *world) {
 			}
 		}
 	}
+}
+
+// intentCrossesTheNetwork: the option the client host's sockops program
+// writes into redirected SYNs crosses the core router and the PS subnet's
+// bridge intact, and the PS verifies it: every request counts as a match.
+func intentCrossesTheNetwork(t *testing.T, w *world) {
+	before := w.intentCounts(t)
+	const n = 10
+	for i := 0; i < n; i++ {
+		for host := range agents {
+			if out, err := w.Curl(true, "http://"+w.Target(host)+"/"); err != nil || out != host {
+				t.Fatalf("curl %s from the client cgroup: %v %q", w.Target(host), err, out)
+			}
+		}
+	}
+	after := w.intentCounts(t)
+	t.Logf("intent checks on the PS nodes: before %v, after %v", before, after)
+	if got := after["match"] - before["match"]; got < float64(n*len(agents)) {
+		t.Fatalf("%v intent matches for %d redirected requests: the option did not arrive", got, n*len(agents))
+	}
+	if after["mismatch"] != before["mismatch"] || after["absent"] != before["absent"] {
+		t.Fatalf("intent mismatches or absences on redirected requests: before %v, after %v", before, after)
+	}
+}
+
+// intentCounts sums tether_ps_intent_total by result over the PS nodes,
+// read from each node's /metrics inside its namespace.
+func (w *world) intentCounts(t *testing.T) map[string]float64 {
+	t.Helper()
+	out := map[string]float64{}
+	for _, ps := range []string{"ps1", "ps2"} {
+		url := fmt.Sprintf("http://%s:%d/metrics", w.N.Hosts[ps].IP, netsim.PSMetricsPort)
+		body, err := w.N.Run(ps, "curl", "-sS", "--max-time", "5", url)
+		if err != nil {
+			t.Fatalf("metrics of %s: %v %s", ps, err, body)
+		}
+		for _, line := range strings.Split(string(body), "\n") {
+			var result string
+			var v float64
+			if _, err := fmt.Sscanf(line, "tether_ps_intent_total{result=%q} %g", &result, &v); err == nil {
+				out[result] += v
+			}
+		}
+	}
+	return out
 }
 
 func badInputIsRefused(t *testing.T, w *world) {

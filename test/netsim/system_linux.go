@@ -114,8 +114,12 @@ func (s *System) StartPS(name string) (*Proc, error) {
 	ip := s.N.Hosts[name].IP.String()
 	return s.start(name, name, StartOpts{}, s.Tether, "ps", "--id", name, "--listen", ip+":7000", "--advertise", ip,
 		"--ports", "20000-20999", "--redis", RedisURL, "--token-file", s.TokenFile(),
-		"--allow-clients", "198.18.3.0/24", "--lease", Lease.String(), "--renew", "500ms", "--drain-timeout", "5s")
+		"--allow-clients", "198.18.3.0/24", "--lease", Lease.String(), "--renew", "500ms", "--drain-timeout", "5s",
+		"--metrics", ip+":"+fmt.Sprint(PSMetricsPort))
 }
+
+// PSMetricsPort is where each PS node serves /metrics, on its own IP.
+const PSMetricsPort = 9101
 
 // StartAgent starts the agent of host, exposing its service.
 func (s *System) StartAgent(host string, extra ...string) (*Proc, error) {
