@@ -71,22 +71,37 @@ func (e *exposure) reserve(m map[netip.Addr]string) {
 	e.mu.Unlock()
 }
 
-// refreshReserved collects the addresses that are never exposed: this PS's
-// advertise and interface addresses, the registry's, and every PS lease's
-// in the registry; then it refreshes them every period until ctx ends, so
-// that PS nodes joining the pool are covered within one period.
-func (p *PS) refreshReserved(ctx context.Context, period time.Duration) {
+// registryResolveEvery is how often a registry named by a host name is
+// resolved again for the reserved set: its addresses rarely change, and a
+// lookup every period would put DNS on the PS's one-second loop.
+const registryResolveEvery = time.Minute
+
+// refreshReserved keeps the addresses that are never exposed up to date:
+// after each period until ctx ends it rebuilds them (reservedAddrs), so
+// that PS nodes joining the pool are covered within one period. regAddrs
+// are the registry's addresses as Run first resolved them.
+func (p *PS) refreshReserved(ctx context.Context, period time.Duration, regAddrs []netip.Addr) {
+	resolved := time.Now()
 	for {
-		p.exposure.reserve(p.reservedAddrs(ctx))
 		select {
 		case <-ctx.Done():
 			return
 		case <-time.After(period):
 		}
+		if time.Since(resolved) >= registryResolveEvery {
+			// A failed lookup keeps the addresses of the last good one.
+			if a := registryAddrs(ctx, p.cfg.Redis); len(a) > 0 {
+				regAddrs = a
+			}
+			resolved = time.Now()
+		}
+		p.exposure.reserve(p.reservedAddrs(ctx, regAddrs))
 	}
 }
 
-func (p *PS) reservedAddrs(ctx context.Context) map[netip.Addr]string {
+// reservedAddrs builds the reserved set from the registry's addresses
+// regAddrs, the PS leases read now, and this host's addresses.
+func (p *PS) reservedAddrs(ctx context.Context, regAddrs []netip.Addr) map[netip.Addr]string {
 	m := map[netip.Addr]string{}
 	add := func(a netip.Addr, what string) {
 		if a.IsValid() {
@@ -98,7 +113,7 @@ func (p *PS) reservedAddrs(ctx context.Context) map[netip.Addr]string {
 	// The most specific description wins for an address that is several
 	// things (on one host, the registry and the ps may share 127.0.0.1).
 	add(p.advertise, "this ps ("+p.cfg.ID+")")
-	for _, a := range registryAddrs(ctx, p.cfg.Redis) {
+	for _, a := range regAddrs {
 		add(a, "the registry")
 	}
 	lctx, cancel := context.WithTimeout(ctx, p.cfg.HandshakeTimeout)

@@ -187,10 +187,10 @@ func (p *PS) intentAllows(port uint16, c net.Conn, want, client netip.AddrPort) 
 	}
 	switch {
 	case found && got == netip.AddrPortFrom(want.Addr().Unmap(), want.Port()):
-		p.m.intent.results.WithLabelValues("match").Inc()
+		p.m.intent.match.Inc()
 		return true
 	case found:
-		p.m.intent.results.WithLabelValues("mismatch").Inc()
+		p.m.intent.mismatch.Inc()
 		if p.m.intent.warn.allow(time.Now()) {
 			p.log.Warn("connection reset: its intended target is not the one this port serves (stale route on the client)",
 				"port", port, "intent", got.String(), "binding", want.String(), "client", client.String(),
@@ -198,28 +198,30 @@ func (p *PS) intentAllows(port uint16, c net.Conn, want, client netip.AddrPort) 
 		}
 		return false
 	case mode == IntentRequire:
-		p.m.intent.results.WithLabelValues("refused_absent").Inc()
+		p.m.intent.refusedAbsent.Inc()
 		return false
 	}
-	p.m.intent.results.WithLabelValues("absent").Inc()
+	p.m.intent.absent.Inc()
 	return true
 }
 
 // intentStats is what the intent check records: tether_ps_intent_total,
-// and the limiter of its mismatch warnings.
+// one series per result (resolved once: the check runs for every client
+// connection), and the limiter of its mismatch warnings.
 type intentStats struct {
-	results *prometheus.CounterVec
-	warn    logLimiter
+	results                                *prometheus.CounterVec
+	match, mismatch, absent, refusedAbsent prometheus.Counter
+	warn                                   logLimiter
 }
 
-// intentResults are the result labels of tether_ps_intent_total.
-var intentResults = []string{"match", "mismatch", "absent", "refused_absent"}
-
 func newIntentStats() *intentStats {
-	return &intentStats{results: prometheus.NewCounterVec(prometheus.CounterOpts{
+	results := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tether_ps_intent_total",
 		Help: "Client connections by the intent in their SYN (--intent): match, mismatch (reset), absent (delivered), refused_absent (reset by --intent=require).",
-	}, []string{"result"})}
+	}, []string{"result"})
+	return &intentStats{results: results,
+		match: results.WithLabelValues("match"), mismatch: results.WithLabelValues("mismatch"),
+		absent: results.WithLabelValues("absent"), refusedAbsent: results.WithLabelValues("refused_absent")}
 }
 
 // logLimiter lets one line through per second and counts the rest, so that

@@ -97,9 +97,6 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 		m.connsRefused.WithLabelValues(r)
 	}
 	m.violations.WithLabelValues("agent_opened_stream")
-	for _, r := range intentResults {
-		m.intent.results.WithLabelValues(r)
-	}
 	for _, c := range []prometheus.Collector{m.tunnels, m.handshakes, m.endpoints, m.streamsOpen, m.streams,
 		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected,
 		m.connsRefused, m.idleClosed, m.violations, m.insecure, m.intent.results} {

@@ -273,7 +273,8 @@ func (p *PS) Run(ctx context.Context) error {
 	if err := p.start(ctx); err != nil {
 		return err
 	}
-	p.exposure.reserve(p.reservedAddrs(ctx))
+	regAddrs := registryAddrs(ctx, p.cfg.Redis)
+	p.exposure.reserve(p.reservedAddrs(ctx, regAddrs))
 	ln, err := net.Listen("tcp", p.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen for tunnels on %s: %w", p.cfg.Listen, err)
@@ -298,7 +299,7 @@ func (p *PS) Run(ctx context.Context) error {
 	loops.Go(func() error { return p.renewLoop(lctx) })
 	loops.Go(func() error { p.collectLoop(lctx); return nil })
 	loops.Go(func() error { p.resyncLoop(lctx); return nil })
-	loops.Go(func() error { p.refreshReserved(lctx, p.cfg.Renew); return nil })
+	loops.Go(func() error { p.refreshReserved(lctx, p.cfg.Renew, regAddrs); return nil })
 	loops.Go(func() error {
 		<-lctx.Done()
 		p.drain(life)

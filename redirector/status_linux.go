@@ -86,8 +86,8 @@ func readIntentCounters(pinDir string, out map[string]uint64) error {
 		return fmt.Errorf("open pinned intent counters: %w", err)
 	}
 	defer m.Close()
-	for c, name := range map[uint32]string{uint32(bpf.IntentIntentCounterINTENT_WRITTEN): "intent_written", uint32(bpf.IntentIntentCounterINTENT_NO_ROOM): "intent_no_room"} {
-		sum, err := readCounter(m, bpf.RedirectCounter(c))
+	for c, name := range map[bpf.IntentIntentCounter]string{bpf.IntentIntentCounterINTENT_WRITTEN: "intent_written", bpf.IntentIntentCounterINTENT_NO_ROOM: "intent_no_room"} {
+		sum, err := readCounter(m, c)
 		if err != nil {
 			return err
 		}
@@ -109,12 +109,13 @@ func Counters(m *ebpf.Map) (map[string]uint64, error) {
 	return out, nil
 }
 
-// readCounter reads one per-CPU counter, summed over CPUs.
-func readCounter(m *ebpf.Map, c bpf.RedirectCounter) (uint64, error) {
+// readCounter reads counter k of a per-CPU counter array (the redirect
+// object's or the intent object's), summed over CPUs.
+func readCounter[K ~uint32](m *ebpf.Map, c K) (uint64, error) {
 	var per []uint64
 	k := uint32(c)
 	if err := m.Lookup(&k, &per); err != nil {
-		return 0, fmt.Errorf("read counter %d: %w", c, err)
+		return 0, fmt.Errorf("read counter %d: %w", k, err)
 	}
 	var sum uint64
 	for _, v := range per {

@@ -21,18 +21,8 @@ import (
 // one-line error naming the live instance, and clients of the live one
 // see no failure meanwhile.
 func TestSecondPSWithALiveIDExitsAndTheFirstKeepsServing(t *testing.T) {
-	rd := testutil.StartRedis(t)
-	reg, err := registry.New(registry.Config{URL: rd.URL()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer reg.Close()
-	ps1 := startPSProc(t, rd.URL(), "ps1")
-	srv := tunneltest.IdentityServer(t, "agent-a1")
-	startProc(t, "agent a1", "agent", "--server", ps1.listen, "--id", "a1", "--tunnels", "1",
-		"--ip", "127.77.0.1", "--expose", "9100="+srv, "--backoff-min", "100ms", "--backoff-max", "1s")
-	target := netip.MustParseAddrPort("127.77.0.1:9100")
-	be := waitPS(t, reg, target, "ps1")["ps1"]
+	rd, reg, ps1 := psWithAgent(t)
+	be := waitPS(t, reg, a1Target, "ps1")["ps1"]
 
 	var attempts, failures atomic.Int64
 	stop := make(chan struct{})
@@ -49,7 +39,7 @@ func TestSecondPSWithALiveIDExitsAndTheFirstKeepsServing(t *testing.T) {
 			attempts.Add(1)
 			// Through the registry, as a reader would: the route itself
 			// must not move either.
-			bs := backendsOf(t, reg, target)
+			bs := backendsOf(t, reg, a1Target)
 			if got, err := tunneltest.Ask(bs["ps1"].Address.String()); err != nil || got != "agent-a1" || bs["ps1"].Address != be.Address {
 				failures.Add(1)
 			}
@@ -84,18 +74,8 @@ func TestSecondPSWithALiveIDExitsAndTheFirstKeepsServing(t *testing.T) {
 // rewritten in Redis, as another instance's claim would) stops serving and
 // exits non-zero, leaving the routes under its id alone.
 func TestPSWhoseLeaseIsTakenExits(t *testing.T) {
-	rd := testutil.StartRedis(t)
-	reg, err := registry.New(registry.Config{URL: rd.URL()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer reg.Close()
-	ps1 := startPSProc(t, rd.URL(), "ps1")
-	srv := tunneltest.IdentityServer(t, "agent-a1")
-	startProc(t, "agent a1", "agent", "--server", ps1.listen, "--id", "a1", "--tunnels", "1",
-		"--ip", "127.77.0.1", "--expose", "9100="+srv, "--backoff-min", "100ms", "--backoff-max", "1s")
-	target := netip.MustParseAddrPort("127.77.0.1:9100")
-	be := waitPS(t, reg, target, "ps1")["ps1"]
+	rd, reg, ps1 := psWithAgent(t)
+	be := waitPS(t, reg, a1Target, "ps1")["ps1"]
 	askVia(t, be, "agent-a1")
 
 	respCmd(t, rd.Addr(), "HSET", "{tether}:ps:ps1", "nonce", "another-instance")
@@ -109,7 +89,7 @@ func TestPSWhoseLeaseIsTakenExits(t *testing.T) {
 		t.Errorf("the taken-over ps still serves %s: %q", be.Address, got)
 	}
 	used, err := reg.PortsInUse(context.Background(), "ps1")
-	if err != nil || used[be.Address.Port()] != target {
+	if err != nil || used[be.Address.Port()] != a1Target {
 		t.Errorf("the taken-over ps withdrew the id's routes: ports in use %v, %v", used, err)
 	}
 }
@@ -118,23 +98,29 @@ func TestPSWhoseLeaseIsTakenExits(t *testing.T) {
 // still live, is not refused: nobody renews that lease, so the new
 // instance waits it out and takes the id over.
 func TestPSRestartedRightAfterACrashTakesItsIDOver(t *testing.T) {
+	_, reg, ps1 := psWithAgent(t)
+	waitPS(t, reg, a1Target, "ps1")
+	ps1.kill9()
+	killed := time.Now()
+	ps1.restart(t) // waits for the tunnel listener: the start was not refused
+	askVia(t, waitPS(t, reg, a1Target, "ps1")["ps1"], "agent-a1")
+	t.Logf("serving again %v after the crash (lease 2s)", time.Since(killed).Round(time.Millisecond))
+}
+
+// a1Target is the endpoint agent a1 exposes in these tests.
+var a1Target = netip.MustParseAddrPort("127.77.0.1:9100")
+
+// psWithAgent starts Redis, the PS process ps1 and agent a1 exposing an
+// identity service ("agent-a1") at a1Target through it.
+func psWithAgent(t *testing.T) (*testutil.Redis, *registry.Registry, *psProc) {
+	t.Helper()
 	rd := testutil.StartRedis(t)
-	reg, err := registry.New(registry.Config{URL: rd.URL()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer reg.Close()
+	reg := tunneltest.NewRegistry(t, rd.URL())
 	ps1 := startPSProc(t, rd.URL(), "ps1")
 	srv := tunneltest.IdentityServer(t, "agent-a1")
 	startProc(t, "agent a1", "agent", "--server", ps1.listen, "--id", "a1", "--tunnels", "1",
 		"--ip", "127.77.0.1", "--expose", "9100="+srv, "--backoff-min", "100ms", "--backoff-max", "1s")
-	target := netip.MustParseAddrPort("127.77.0.1:9100")
-	waitPS(t, reg, target, "ps1")
-	ps1.kill9()
-	killed := time.Now()
-	ps1.restart(t) // waits for the tunnel listener: the start was not refused
-	askVia(t, waitPS(t, reg, target, "ps1")["ps1"], "agent-a1")
-	t.Logf("serving again %v after the crash (lease 2s)", time.Since(killed).Round(time.Millisecond))
+	return rd, reg, ps1
 }
 
 // waitExit waits for p to exit and returns its exit code and the last line
