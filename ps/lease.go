@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tether-net/tether/internal/jitter"
@@ -64,10 +66,21 @@ func newNonce() string {
 // A failure is logged once per streak, and its recovery once. It returns
 // an error only when the lease was taken over by another instance: this
 // one must stop serving (see leaseTaken).
+//
+// A renewal that finds the registry lost this PS's data (its lease key
+// gone, or the registry's generation changed: a FLUSHALL, a Redis restart
+// without persistence, a failover to a replica without the data) has
+// already written the lease again under this instance's nonce, which
+// re-claims the id; the loop then republishes every binding at once
+// (resync) rather than at the next Resync, so the registry is whole again
+// within about one renew interval.
 func (p *PS) renewLoop(ctx context.Context) error {
 	t := time.NewTicker(p.cfg.Renew)
 	defer t.Stop()
 	failing := false
+	var repairs sync.WaitGroup
+	defer repairs.Wait()
+	var repairing atomic.Bool
 	for {
 		select {
 		case <-ctx.Done():
@@ -78,7 +91,13 @@ func (p *PS) renewLoop(ctx context.Context) error {
 		if p.draining.Load() {
 			continue
 		}
-		if err := p.renew(ctx, registry.PSActive); err != nil {
+		err := p.renew(ctx, registry.PSActive)
+		if errors.Is(err, registry.ErrRegistryDataLost) {
+			// The lease itself was written: this is a renewal that worked.
+			p.republish(ctx, err, &repairs, &repairing)
+			err = nil
+		}
+		if err != nil {
 			if errors.Is(err, registry.ErrLeaseTaken) {
 				return p.leaseTaken(err)
 			}
@@ -97,6 +116,31 @@ func (p *PS) renewLoop(ctx context.Context) error {
 			failing = false
 		}
 	}
+}
+
+// republish runs a resync in the background after the registry lost this
+// PS's data, unless one is still running: renewals go on meanwhile, so the
+// lease never lapses while tens of thousands of routes are written back.
+func (p *PS) republish(ctx context.Context, cause error, wg *sync.WaitGroup, running *atomic.Bool) {
+	if !running.CompareAndSwap(false, true) {
+		return
+	}
+	p.log.Warn("the registry lost this ps's routes; republishing every binding now", "reason", cause)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer running.Store(false)
+		start := time.Now()
+		if err := p.resync(ctx); err != nil {
+			if ctx.Err() == nil {
+				// The periodic resync retries; so does the next renewal
+				// if the data is lost again.
+				p.log.Warn("republishing after the registry's data loss failed; the periodic resync retries", "err", err)
+			}
+			return
+		}
+		p.log.Info("republished every binding after the registry's data loss", "took", time.Since(start).Round(time.Millisecond))
+	}()
 }
 
 func (p *PS) updateGauges() {

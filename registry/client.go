@@ -51,6 +51,9 @@ type Registry struct {
 	// that guards every later write for that id (RenewPS, Publish,
 	// Release, WithdrawAll, Forget).
 	claims sync.Map
+	// generations holds, per claimed PS id, the registry generation its
+	// last lease write saw: a change means Redis lost data in between.
+	generations sync.Map
 }
 
 // Timeouts of every Redis connection. A caller's ctx deadline, when

@@ -21,7 +21,7 @@
 // the leases and keeps, per lease, its own time at sending the read plus
 // the time Redis had left: PSLease.ExpiresAt and Backend.ExpiresAt are on
 // the reader's clock (with its monotonic reading), so a Mirror expires
-// leases locally, Redis reachable or not, without ever trusting the PS's
+// leases locally without ever trusting the PS's
 // clock or assuming its own agrees with Redis's. Port quarantines are
 // written by one process and judged by another (a peer collects a dead PS;
 // the PS, restarted, reads the quarantine back), so they are kept on Redis's
@@ -54,6 +54,8 @@
 //	                               until it may be reused
 //	{P}:changes             STREAM entries {k: route|ps, id: <target>|<ps_id>},
 //	                               trimmed to about Config.StreamMaxLen entries
+//	{P}:generation          STRING random id, SET NX by every PS lease write: it
+//	                               changes only when the registry lost its data
 //
 // A <ps_id> has the syntax of internal/ident (printable ASCII without
 // blanks, braces or colons), so it can neither reach into another key's
@@ -74,10 +76,17 @@
 // # Readers
 //
 // A Mirror loads a full snapshot, follows the change stream from the
-// snapshot's cursor, expires backends locally when their PS lease lapses
-// (even while Redis is unreachable), and repairs itself with a full snapshot
-// every Resync. A reader whose cursor has been trimmed away, or that sees the
-// stream reset (a Redis that lost its data), reloads in full.
+// snapshot's cursor, expires backends locally when their PS lease lapses,
+// and repairs itself with a full snapshot every Resync. A reader whose
+// cursor has been trimmed away reloads in full.
+//
+// Leases are judged on a clock that advances only while the mirror can see
+// the registry: an outage of any length kills no backend, and expiry
+// resumes where it stopped when Redis returns (see leaseJudge). A data loss
+// (the generation changed, or the stream was reset) opens a repair window
+// in which the mirror merges what it reads and removes nothing for being
+// absent, while the PS nodes, told by their next renewal (RenewPS returns
+// ErrRegistryDataLost), republish every route; a full load follows.
 //
 // # Go programs as clients
 //

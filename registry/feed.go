@@ -36,6 +36,29 @@ func (r *Registry) addChange(ctx context.Context, pipe redis.Pipeliner, kind Cha
 	pipe.XAdd(ctx, &redis.XAddArgs{Stream: r.keys.changes(), MaxLen: r.maxLen, Approx: true, Values: []any{"k", string(kind), "id", id}})
 }
 
+// ErrFeedReset is wrapped, with ErrCursorLost, by the errors of
+// ReadChanges that mean the registry lost data rather than that the reader
+// fell behind: the stream is gone, or is shorter than the reader's cursor
+// (a FLUSHALL, a restart without persistence, a failover to a replica that
+// lacked the latest writes).
+var ErrFeedReset = errors.New("change feed reset: the registry lost data")
+
+// Generation returns the registry's generation: a random id the first PS
+// lease write stores when the registry has none. It changes only when the
+// registry lost its data (and a PS wrote again), so a reader that sees it
+// change knows that what is absent may merely not be written back yet. ""
+// means none is stored (an empty registry, or one that just lost its data).
+func (r *Registry) Generation(ctx context.Context) (string, error) {
+	g, err := r.rdb.Get(ctx, r.keys.generation()).Result()
+	if errors.Is(err, redis.Nil) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read registry generation: %w", err)
+	}
+	return g, nil
+}
+
 // emptyCursor is the position before the first entry ever written.
 const emptyCursor = "0-0"
 
@@ -100,12 +123,12 @@ func (r *Registry) checkCursor(ctx context.Context, cursor string) error {
 			if cursor == emptyCursor {
 				return nil
 			}
-			return fmt.Errorf("%w: change feed is gone (was at %s)", ErrCursorLost, cursor)
+			return fmt.Errorf("%w: %w: change feed is gone (was at %s)", ErrCursorLost, ErrFeedReset, cursor)
 		}
 		return fmt.Errorf("read change feed position: %w", err)
 	}
 	if compareIDs(cursor, info.LastGeneratedID) > 0 {
-		return fmt.Errorf("%w: cursor %s is past the feed's last entry %s", ErrCursorLost, cursor, info.LastGeneratedID)
+		return fmt.Errorf("%w: %w: cursor %s is past the feed's last entry %s", ErrCursorLost, ErrFeedReset, cursor, info.LastGeneratedID)
 	}
 	// Entries only leave the stream by trimming (or an operator's XDEL). If
 	// the oldest entry kept is newer than the cursor and anything was ever

@@ -24,6 +24,7 @@ func (k keys) targets() string               { return k.p + ":targets" }
 func (k keys) psroutes(id string) string     { return k.p + ":psroutes:" + id }
 func (k keys) quarantine(id string) string   { return k.p + ":quarantine:" + id }
 func (k keys) changes() string               { return k.p + ":changes" }
+func (k keys) generation() string            { return k.p + ":generation" }
 
 // validPSID checks a PS id before it becomes part of a key name. The rule
 // is the one the tunnel handshake applies, so an id the PS accepted from its

@@ -2,6 +2,8 @@ package registry
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -44,17 +46,20 @@ end
 const leaseTakenReply = "TETHER_LEASE_TAKEN"
 
 // leaseScript writes a PS's lease stamped with Redis's clock. KEYS[1] is
-// the hash tag; ARGV: ps_id, addr, state, ttl_ms, maxlen, nonce, mode.
+// the hash tag; ARGV: ps_id, addr, state, ttl_ms, maxlen, nonce, mode,
+// generation (a fresh random id, stored only if the registry has none).
 //
 // With a nonce, mode "claim" refuses a lease that is live under another
 // nonce, replying {"H", addr, ms_left, renewed_ms, nonce}; mode "renew"
 // refuses a lease that carries another nonce, live or not (another
 // instance claimed the id: this one's routes were withdrawn by it),
-// replying {"T", addr, ms_left}. Otherwise it writes and replies {"OK"}.
+// replying {"T", addr, ms_left}. Otherwise it writes and replies {"OK",
+// existed (1 if the lease key was there before), generation}.
 var leaseScript = redis.NewScript(luaServerMS + `
 local p, id, maxlen, nonce, mode = KEYS[1], ARGV[1], ARGV[5], ARGV[6], ARGV[7]
 local key = p .. ':ps:' .. id
 local now = server_ms()
+local existed = redis.call('EXISTS', key)
 if nonce ~= '' then
   local cur = redis.call('HMGET', key, 'nonce', 'expires_ms', 'addr', 'renewed_ms')
   if cur[1] and cur[1] ~= nonce then
@@ -72,7 +77,8 @@ redis.call('HSET', key, 'addr', ARGV[2], 'state', ARGV[3],
   'expires_ms', string.format('%d', now + tonumber(ARGV[4])), 'renewed_ms', string.format('%d', now))
 redis.call('SADD', p .. ':pses', id)
 redis.call('XADD', p .. ':changes', 'MAXLEN', '~', maxlen, '*', 'k', 'ps', 'id', id)
-return {'OK'}
+redis.call('SET', p .. ':generation', ARGV[8], 'NX')
+return {'OK', existed, redis.call('GET', p .. ':generation')}
 `)
 
 // readLeasesScript returns Redis's now (ms) followed by the HGETALL of the
@@ -123,8 +129,11 @@ func (r *Registry) ClaimPS(ctx context.Context, l PSLease) error {
 		addr, _ := res[1].(string)
 		nonce, _ := res[4].(string)
 		return &LeaseHeldError{ID: l.ID, Addr: addr, Nonce: nonce, ExpiresIn: time.Duration(left) * time.Millisecond, RenewedMS: renewed}
-	case len(res) == 1 && res[0] == "OK":
+	case len(res) >= 1 && res[0] == "OK":
 		r.claims.Store(l.ID, l.Nonce)
+		if gen := okGeneration(res); gen != "" {
+			r.generations.Store(l.ID, gen)
+		}
 		return nil
 	}
 	return fmt.Errorf("claim ps %s: %w: unexpected reply %v", l.ID, ErrBadData, res)
@@ -149,7 +158,44 @@ func (r *Registry) RenewPS(ctx context.Context, l PSLease) error {
 	if len(res) == 3 && res[0] == "T" {
 		return fmt.Errorf("renew lease of ps %s: %w: now held by the instance at %s", l.ID, ErrLeaseTaken, textclip.Short(fmt.Sprint(res[1])))
 	}
+	if l.Nonce == "" || len(res) != 3 {
+		// Unclaimed writers (tools, tests) own no routes to republish.
+		return nil
+	}
+	gen := okGeneration(res)
+	prev, _ := r.generations.Swap(l.ID, gen)
+	if existed, _ := res[1].(int64); existed == 0 {
+		return fmt.Errorf("renew lease of ps %s: %w: the lease key was gone (written again now)", l.ID, ErrRegistryDataLost)
+	}
+	if p, _ := prev.(string); p != "" && p != gen {
+		return fmt.Errorf("renew lease of ps %s: %w: registry generation changed from %s to %s", l.ID, ErrRegistryDataLost, textclip.Short(p), textclip.Short(gen))
+	}
 	return nil
+}
+
+// ErrRegistryDataLost is what RenewPS returns, after writing the lease,
+// when the registry lost data since this Registry's previous write for the
+// id: the lease key was gone (FLUSHALL, a restart without persistence, a
+// failover to a replica without the data) or the registry's generation
+// changed. The lease is live again, but the PS's routes may be gone: it
+// must republish every one of them at once.
+var ErrRegistryDataLost = errors.New("registry lost this ps's data")
+
+// okGeneration returns the generation in an {"OK", existed, generation}
+// reply of leaseScript.
+func okGeneration(res []any) string {
+	if len(res) != 3 {
+		return ""
+	}
+	g, _ := res[2].(string)
+	return g
+}
+
+// newGeneration returns a fresh random registry generation id.
+func newGeneration() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b) // crypto/rand.Read never fails (Go >= 1.24)
+	return hex.EncodeToString(b)
 }
 
 // writeLease runs leaseScript in mode and returns its reply.
@@ -168,7 +214,7 @@ func (r *Registry) writeLease(ctx context.Context, l PSLease, mode string) ([]an
 		ttl = l.ExpiresAt.Sub(r.now())
 	}
 	return leaseScript.Run(ctx, r.rdb, []string{r.keys.p},
-		l.ID, l.Addr.String(), string(l.State), ttl.Milliseconds(), r.maxLen, l.Nonce, mode).Slice()
+		l.ID, l.Addr.String(), string(l.State), ttl.Milliseconds(), r.maxLen, l.Nonce, mode, newGeneration()).Slice()
 }
 
 // PSLeases returns every PS lease in the registry, live or not.

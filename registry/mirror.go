@@ -75,10 +75,21 @@ type Mirror struct {
 	// change of it (not a mere renewal) makes the mirror touch that PS's routes.
 	seen map[string]psView
 
+	// judge is the clock leases are judged on: it stands still while the
+	// registry is out of sight (see leaseJudge).
+	judge *leaseJudge
+
 	ready     chan struct{}
 	readyOnce sync.Once
 	metrics   mirrorMetrics
 }
+
+const (
+	// minRepairWindow bounds the repair window after a data loss from
+	// below: writers republish within one renewal, but a few seconds cost
+	// little and cover a slow PS.
+	minRepairWindow = 5 * time.Second
+)
 
 // psView is the part of a PS lease that changes what readers do.
 type psView struct {
@@ -94,6 +105,10 @@ type mirrorMetrics struct {
 	errors      *prometheus.CounterVec
 	lastLoadDur prometheus.Gauge
 	expired     prometheus.Counter
+	reachable   prometheus.Gauge
+	outages     prometheus.Counter
+	dataLoss    prometheus.Counter
+	judgeLag    prometheus.GaugeFunc
 }
 
 // NewMirror checks cfg and returns a Mirror; Run starts it.
@@ -117,6 +132,7 @@ func NewMirror(cfg MirrorConfig) (*Mirror, error) {
 		byPS:    map[string]map[netip.AddrPort]struct{}{},
 		seen:    map[string]psView{},
 		ready:   make(chan struct{}),
+		judge:   newLeaseJudge(cfg.Now),
 	}
 	m.metrics = mirrorMetrics{
 		routes:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_mirror_routes", Help: "Targets known to the mirror."}),
@@ -125,13 +141,19 @@ func NewMirror(cfg MirrorConfig) (*Mirror, error) {
 		errors:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_mirror_errors_total", Help: "Errors by operation."}, []string{"op"}),
 		lastLoadDur: prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_mirror_last_full_load_seconds", Help: "Duration of the last full load, sink included."}),
 		expired:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_mirror_lease_expiries_total", Help: "PS leases the mirror saw lapse locally."}),
+		reachable:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_mirror_registry_reachable", Help: "1 while the mirror's last registry call succeeded, 0 during an outage (backends are then kept as they are)."}),
+		outages:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_mirror_registry_outages_total", Help: "Times the registry became unreachable for the mirror."}),
+		dataLoss:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_mirror_data_loss_total", Help: "Times the mirror saw the registry lose data (generation changed, change feed reset)."}),
 	}
+	m.metrics.judgeLag = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tether_mirror_lease_clock_lag_seconds", Help: "How far the clock leases are judged on trails real time: it stands still while the registry is out of sight."},
+		func() float64 { _, lag := m.judge.state(); return lag.Seconds() })
 	// Every operation that can fail is exported from the start, at zero.
-	for _, op := range []string{"snapshot", "read_changes", "refresh", "sink"} {
+	for _, op := range []string{"snapshot", "generation", "read_changes", "refresh", "sink"} {
 		m.metrics.errors.WithLabelValues(op)
 	}
 	if cfg.Metrics != nil {
-		for _, c := range []prometheus.Collector{m.metrics.routes, m.metrics.fullLoads, m.metrics.changes, m.metrics.errors, m.metrics.lastLoadDur, m.metrics.expired} {
+		for _, c := range []prometheus.Collector{m.metrics.routes, m.metrics.fullLoads, m.metrics.changes, m.metrics.errors, m.metrics.lastLoadDur, m.metrics.expired,
+			m.metrics.reachable, m.metrics.outages, m.metrics.dataLoss, m.metrics.judgeLag} {
 			if err := cfg.Metrics.Register(c); err != nil {
 				return nil, fmt.Errorf("register mirror metrics: %w", err)
 			}
@@ -145,11 +167,14 @@ func (m *Mirror) Ready() <-chan struct{} { return m.ready }
 
 // Lookup returns the target's backends with their state at this moment
 // (a lapsed lease is dead here even before the mirror's timer fires), in a
-// stable order. ok is false when the target has no route.
+// stable order. ok is false when the target has no route. Leases are
+// judged on the mirror's lease clock, which stands still while the
+// registry is unreachable: an outage never turns a backend dead here.
 func (m *Mirror) Lookup(target netip.AddrPort) (backends []BackendState, ok bool) {
+	now := m.judge.Now()
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	rs := m.viewLocked(target, m.now())
+	rs := m.viewLocked(target, now)
 	return rs.Backends, len(rs.Backends) > 0
 }
 
@@ -168,11 +193,15 @@ type message struct {
 	gone     []string
 	changes  int
 	started  time.Time
+	// merge is set during a repair window after a data loss: what the
+	// message holds is added, and nothing is removed for being absent.
+	merge bool
 }
 
 // Run loads, follows and repairs the mirror until ctx ends. Redis being
-// unreachable is not an error: the mirror keeps serving what it has,
-// expires leases locally, and catches up when Redis answers again.
+// unreachable is not an error: the mirror keeps serving what it has, with
+// every backend as it was (leases are judged on a clock that stands still
+// meanwhile, see leaseJudge), and catches up when Redis answers again.
 func (m *Mirror) Run(ctx context.Context) error {
 	msgs := make(chan message)
 	readerDone := make(chan struct{})
@@ -207,20 +236,56 @@ func (m *Mirror) Run(ctx context.Context) error {
 }
 
 // follow reads the registry: a snapshot, then the change feed, a new
-// snapshot every Resync or when the feed cannot be followed. It never
-// returns before ctx ends.
+// snapshot every Resync or when the feed cannot be followed. It checks the
+// registry's generation on every round, so a data loss is seen within one
+// feed read. It never returns before ctx ends.
 func (m *Mirror) follow(ctx context.Context, msgs chan<- message) {
 	reg := m.cfg.Registry
-	var cursor string
+	var cursor, gen string
 	var lastFull time.Time
+	// repairUntil is the end of the repair window after a data loss (zero
+	// outside one): until then the mirror merges what it reads.
+	var repairUntil time.Time
+	// outageSince is when the current outage began (zero while reachable).
+	var outageSince time.Time
 	backoff := 100 * time.Millisecond
 	failed := func(op string, err error) {
 		m.metrics.errors.WithLabelValues(op).Inc()
-		m.log.Warn("registry unreachable, serving the last known routes", "op", op, "err", err, "retry_in", backoff)
+		if outageSince.IsZero() {
+			outageSince = m.now()
+			m.metrics.reachable.Set(0)
+			m.metrics.outages.Inc()
+			m.log.Warn("registry unreachable: keeping every backend as it is until it returns", "op", op, "err", err)
+		} else {
+			m.log.Debug("registry still unreachable", "op", op, "err", err, "retry_in", backoff)
+		}
 		sleep(ctx, backoff)
 		backoff = min(backoff*2, 5*time.Second)
 	}
+	reached := func() {
+		gap := m.judge.contact()
+		if !outageSince.IsZero() {
+			m.log.Info("registry reachable again: lease expiry resumes", "outage", m.now().Sub(outageSince).Round(time.Millisecond),
+				"blind_for", gap.Round(time.Millisecond))
+			outageSince = time.Time{}
+		}
+		m.metrics.reachable.Set(1)
+		backoff = 100 * time.Millisecond
+	}
+	dataLost := func(reason string) {
+		m.metrics.dataLoss.Inc()
+		window := max(2*m.judge.longest(), minRepairWindow)
+		m.log.Warn("registry lost data: merging what it holds while its writers republish; nothing is removed for being absent",
+			"reason", reason, "repair_window", window)
+		repairUntil = m.now().Add(window)
+		cursor = ""
+	}
 	for ctx.Err() == nil {
+		if !repairUntil.IsZero() && !m.now().Before(repairUntil) {
+			repairUntil = time.Time{}
+			cursor = ""
+			m.log.Info("registry repair window over: loading it in full")
+		}
 		if cursor == "" || m.now().Sub(lastFull) >= m.cfg.Resync {
 			start := m.now()
 			snap, err := reg.Snapshot(ctx)
@@ -228,15 +293,48 @@ func (m *Mirror) follow(ctx context.Context, msgs chan<- message) {
 				failed("snapshot", err)
 				continue
 			}
-			if !send(ctx, msgs, message{snapshot: &snap, started: start}) {
+			reached()
+			if gen != "" && snap.Generation != gen {
+				dataLost(fmt.Sprintf("generation changed from %q to %q", gen, snap.Generation))
+			}
+			gen = snap.Generation
+			if !send(ctx, msgs, message{snapshot: &snap, started: start, merge: !repairUntil.IsZero()}) {
 				return
 			}
-			cursor, lastFull, backoff = snap.Cursor, m.now(), 100*time.Millisecond
+			cursor, lastFull = snap.Cursor, m.now()
 			continue
 		}
-		wait := min(time.Second, m.cfg.Resync-m.now().Sub(lastFull))
+		g, err := reg.Generation(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			failed("generation", err)
+			continue
+		}
+		reached()
+		if g != gen {
+			old := gen
+			gen = g
+			if old != "" {
+				// Gone or replaced: either way the data it marked is gone.
+				dataLost(fmt.Sprintf("generation changed from %q to %q", old, g))
+				continue
+			}
+			// The first generation in a registry that had none (new, or
+			// already known to be repairing): nothing was lost.
+		}
+		// The read returns within the block time even when nothing
+		// changed: that return is the contact the lease clock runs on.
+		wait := min(m.judge.block(), m.cfg.Resync-m.now().Sub(lastFull))
 		changes, err := reg.ReadChanges(ctx, cursor, 1000, max(wait, time.Millisecond))
+		if errors.Is(err, ErrFeedReset) {
+			reached()
+			dataLost(err.Error())
+			continue
+		}
 		if errors.Is(err, ErrCursorLost) {
+			reached()
 			m.log.Info("change feed cursor lost, loading a full snapshot", "reason", err)
 			cursor = ""
 			continue
@@ -248,6 +346,7 @@ func (m *Mirror) follow(ctx context.Context, msgs chan<- message) {
 			failed("read_changes", err)
 			continue
 		}
+		reached()
 		if len(changes) == 0 {
 			continue
 		}
@@ -259,10 +358,11 @@ func (m *Mirror) follow(ctx context.Context, msgs chan<- message) {
 			failed("refresh", err)
 			continue
 		}
-		if !send(ctx, msgs, message{routes: routes, leases: leases, gone: gone, changes: len(changes)}) {
+		reached()
+		if !send(ctx, msgs, message{routes: routes, leases: leases, gone: gone, changes: len(changes), merge: !repairUntil.IsZero()}) {
 			return
 		}
-		cursor, backoff = changes[len(changes)-1].Cursor, 100*time.Millisecond
+		cursor = changes[len(changes)-1].Cursor
 	}
 }
 

@@ -14,7 +14,11 @@ import (
 
 // apply folds a message into the state and tells the sink what changed.
 func (m *Mirror) apply(ctx context.Context, msg message) error {
-	now := m.now()
+	m.observeLeases(msg)
+	now := m.judge.Now()
+	if msg.merge {
+		return m.applyMerge(ctx, msg, now)
+	}
 	if msg.snapshot != nil {
 		m.mu.Lock()
 		m.entries = map[netip.AddrPort]map[string]mirrorEntry{}
@@ -72,9 +76,95 @@ func (m *Mirror) apply(ctx context.Context, msg message) error {
 	return nil
 }
 
-// expire marks the backends of leases that lapsed since the last look.
-func (m *Mirror) expire(ctx context.Context) error {
+// observeLeases teaches the lease judge how long leases last.
+func (m *Mirror) observeLeases(msg message) {
+	leases := msg.leases
+	if msg.snapshot != nil {
+		leases = msg.snapshot.Leases
+		if !msg.merge {
+			m.judge.forget(leases)
+		}
+	}
 	now := m.now()
+	for id, l := range leases {
+		if l.State == PSActive {
+			m.judge.observeLease(id, l.ExpiresAt.Sub(now))
+		}
+	}
+}
+
+// applyMerge folds a message read during a repair window into the state:
+// the routes' backends and the leases it holds override what the mirror
+// has, and nothing is removed for being absent. The registry is being
+// written back by its PS nodes then: an absent backend may be one not
+// republished yet, and removing it would cut a live backend. A backend
+// whose PS really died still lapses with its lease, on the lease clock.
+// The sink gets Update, never Replace (which would drop what is absent).
+func (m *Mirror) applyMerge(ctx context.Context, msg message, now time.Time) error {
+	routes, leases := msg.routes, msg.leases
+	if msg.snapshot != nil {
+		routes, leases = msg.snapshot.Routes, msg.snapshot.Leases
+	}
+	m.mu.Lock()
+	affected := map[netip.AddrPort]struct{}{}
+	for id, l := range leases {
+		m.leases[id] = l
+	}
+	for _, rt := range routes {
+		if m.mergeRouteLocked(rt) {
+			affected[rt.Target] = struct{}{}
+		}
+	}
+	m.collectLeaseChangesLocked(now, affected)
+	out := m.viewsLocked(affected, now)
+	m.metrics.routes.Set(float64(len(m.entries)))
+	m.mu.Unlock()
+	if msg.snapshot != nil {
+		m.metrics.fullLoads.Inc()
+	} else {
+		m.metrics.changes.Add(float64(msg.changes))
+	}
+	if m.cfg.Sink != nil && len(out) > 0 {
+		if err := m.cfg.Sink.Update(ctx, out); err != nil {
+			return fmt.Errorf("merge %d routes: %w", len(out), err)
+		}
+	}
+	if msg.snapshot != nil {
+		m.metrics.lastLoadDur.Set(m.now().Sub(msg.started).Seconds())
+		m.readyOnce.Do(func() { close(m.ready) })
+	}
+	return nil
+}
+
+// mergeRouteLocked sets the entries of rt's backends and keeps the
+// target's other entries; it reports whether anything changed.
+func (m *Mirror) mergeRouteLocked(rt Route) bool {
+	changed := false
+	for _, b := range rt.Backends {
+		e := mirrorEntry{Port: b.Address.Port(), AgentID: b.AgentID, Lost: b.Lost}
+		es := m.entries[rt.Target]
+		if es == nil {
+			es = map[string]mirrorEntry{}
+			m.entries[rt.Target] = es
+		}
+		if old, ok := es[b.PSID]; ok && old == e {
+			continue
+		}
+		es[b.PSID] = e
+		if m.byPS[b.PSID] == nil {
+			m.byPS[b.PSID] = map[netip.AddrPort]struct{}{}
+		}
+		m.byPS[b.PSID][rt.Target] = struct{}{}
+		changed = true
+	}
+	return changed
+}
+
+// expire marks the backends of leases that lapsed since the last look.
+// It runs on the lease clock: while the registry is out of sight that
+// clock stands still, and nothing lapses.
+func (m *Mirror) expire(ctx context.Context) error {
+	now := m.judge.Now()
 	m.mu.Lock()
 	affected := map[netip.AddrPort]struct{}{}
 	n := m.collectLeaseChangesLocked(now, affected)
@@ -127,12 +217,18 @@ func (m *Mirror) collectLeaseChangesLocked(now time.Time, affected map[netip.Add
 	return died
 }
 
-// nextExpiry is how long until the earliest live lease lapses.
+// nextExpiry is how long until the earliest live lease lapses, on the
+// lease clock. While that clock stands still or trails real time (an
+// outage, or the stretch after one) it may resume or jump at any contact,
+// so the timer polls then: a look at a few leases, four times a second.
 func (m *Mirror) nextExpiry() time.Duration {
+	now := m.judge.Now()
+	next := time.Minute
+	if blind, lag := m.judge.state(); blind || lag > 0 {
+		next = 250 * time.Millisecond
+	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	now := m.now()
-	next := time.Minute
 	for _, l := range m.leases {
 		if l.Live(now) {
 			// A few ms late is better than waking just before the edge.
@@ -153,6 +249,7 @@ func viewOf(l PSLease, now time.Time) psView {
 type mirrorEntry struct {
 	Port    uint16
 	AgentID string
+	Lost    bool // reported lost by its agent (see Backend.Lost)
 }
 
 // setRouteLocked replaces the entries of rt.Target with rt's backends.
@@ -171,7 +268,7 @@ func (m *Mirror) setRouteLocked(rt Route) {
 	}
 	es := make(map[string]mirrorEntry, len(rt.Backends))
 	for _, b := range rt.Backends {
-		es[b.PSID] = mirrorEntry{Port: b.Address.Port(), AgentID: b.AgentID}
+		es[b.PSID] = mirrorEntry{Port: b.Address.Port(), AgentID: b.AgentID, Lost: b.Lost}
 		if m.byPS[b.PSID] == nil {
 			m.byPS[b.PSID] = map[netip.AddrPort]struct{}{}
 		}
@@ -200,7 +297,7 @@ func (m *Mirror) viewLocked(target netip.AddrPort, now time.Time) RouteState {
 		}
 		rs.Backends = append(rs.Backends, BackendState{
 			PSID: ps, Address: netip.AddrPortFrom(l.Addr, e.Port), AgentID: e.AgentID,
-			Live: l.Live(now), Draining: l.State == PSDraining,
+			Live: l.Live(now) && !e.Lost, Draining: l.State == PSDraining,
 		})
 	}
 	sort.Slice(rs.Backends, func(i, j int) bool { return rs.Backends[i].PSID < rs.Backends[j].PSID })

@@ -60,11 +60,18 @@ type Snapshot struct {
 	// Cursor is the change feed position taken before the data was read:
 	// following from it can only replay changes, never miss one.
 	Cursor string
+	// Generation is the registry's generation (see Registry.Generation),
+	// read before the data.
+	Generation string
 }
 
 // Snapshot reads every route and lease. It pipelines reads in chunks, so
 // a million routes take a handful of round trips per chunk, not one each.
 func (r *Registry) Snapshot(ctx context.Context) (Snapshot, error) {
+	gen, err := r.Generation(ctx)
+	if err != nil {
+		return Snapshot{}, err
+	}
 	cursor, err := r.lastID(ctx)
 	if err != nil {
 		return Snapshot{}, err
@@ -89,7 +96,7 @@ func (r *Registry) Snapshot(ctx context.Context) (Snapshot, error) {
 	if err != nil {
 		return Snapshot{}, err
 	}
-	return Snapshot{Routes: routes, Leases: leases, Cursor: cursor}, nil
+	return Snapshot{Routes: routes, Leases: leases, Cursor: cursor, Generation: gen}, nil
 }
 
 // readRoutes reads the route hashes of targets (skipping malformed targets)
@@ -147,7 +154,7 @@ func (r *Registry) buildRoute(target netip.AddrPort, raw map[string]string, leas
 		// Without a lease the address is invalid but the port is kept, so a
 		// reader that learns the lease later still knows where to go.
 		b := Backend{PSID: psID, AgentID: e.AgentID, Owner: e.Owner, ExpiresAt: l.ExpiresAt, Draining: l.State == PSDraining,
-			Address: netip.AddrPortFrom(l.Addr, e.Port)}
+			Lost: e.Lost, Address: netip.AddrPortFrom(l.Addr, e.Port)}
 		rt.Backends = append(rt.Backends, b)
 	}
 	sort.Slice(rt.Backends, func(i, j int) bool { return rt.Backends[i].PSID < rt.Backends[j].PSID })

@@ -97,11 +97,16 @@ type Backend struct {
 	// PSLease.ExpiresAt).
 	ExpiresAt time.Time `json:"expires_at"`
 	Draining  bool      `json:"draining,omitempty"`
+	// Lost: the agent reported its tunnel to this PS lost (DropBackends).
+	// The backend is dead at once, whatever the PS's lease says, and
+	// readers destroy the client sockets redirected to it, as for a PS
+	// whose lease lapsed. A publication by the PS clears it.
+	Lost bool `json:"lost,omitempty"`
 }
 
 // Live reports whether the backend may receive new connections at now.
 func (b Backend) Live(now time.Time) bool {
-	return !b.Draining && now.Before(b.ExpiresAt)
+	return !b.Draining && !b.Lost && now.Before(b.ExpiresAt)
 }
 
 // Route is a target and its backends.
@@ -180,6 +185,7 @@ type entry struct {
 	AgentID string `json:"agent_id"`
 	Owner   string `json:"owner,omitempty"`
 	Addr    string `json:"addr,omitempty"`
+	Lost    bool   `json:"lost,omitempty"` // see Backend.Lost
 }
 
 func decodeEntry(raw string) (entry, error) {
