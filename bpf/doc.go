@@ -4,7 +4,9 @@
 // give the application the address it dialed. destroy.c: iter/tcp destroys
 // sockets redirected to a backend declared dead (it needs a kfunc of Linux
 // >= 6.5, so it is an object of its own and the redirect loads without it).
-// tether.h holds what both share. The generated objects are committed, so
+// health.c: sockops passive health, marking backends whose redirected
+// connects are refused or get no SYN-ACK (health.h holds the maps it shares
+// with redirect.c). tether.h holds what all share. The generated objects are committed, so
 // building tether needs no clang; `make generate` rebuilds them with clang 14
 // (pinned in gen.go, so that they regenerate byte for byte).
 //
@@ -15,6 +17,9 @@
 //	tether_orig_dst  SK_STORAGE  per socket: the dialed target and the backend chosen
 //	tether_counters  PERCPU_ARRAY counters, indexed by enum counter
 //	tether_dead      HASH        backend route_key -> 1, for the socket destroyer
+//	tether_suspect   LRU_HASH    backend route_key -> ktime ns of its last failed connect
+//	tether_health_config   ARRAY         passive health settings (slot 0: hold-down ns, 0 = off)
+//	tether_health_counters PERCPU_ARRAY  passive health counters, indexed by enum health_counter
 //
 // Addresses and ports in the maps are in network byte order.
 package bpf

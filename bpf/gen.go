@@ -9,3 +9,4 @@ package bpf
 //go:generate bpf2go -type route_key -type route_value -type backend -type orig_dst -type counter -type backend_state Redirect redirect.c
 //go:generate bpf2go Destroy destroy.c
 //go:generate bpf2go -type intent_counter Intent intent.c
+//go:generate bpf2go -type health_counter -type health_config_slot Health health.c

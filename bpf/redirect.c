@@ -15,6 +15,7 @@
  * even when it runs inside the cgroup it attaches to: see tether_self.
  */
 #include "tether.h"
+#include "health.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -116,7 +117,9 @@ enum redirect_result {
 
 /*
  * redirect looks the target addr:port up in tether_routes and picks one of
- * the route's live backends at random. It returns:
+ * the route's live backends at random, avoiding those marked suspect within
+ * the hold-down (tether_suspect, see health.c) while any other is unmarked.
+ * It returns:
  *
  *   REDIRECT_NO_ROUTE (-1): the target has no route (COUNTER_NO_ROUTE),
  *     or the socket is the redirector's own (tether_self, not counted);
@@ -161,20 +164,54 @@ redirect(struct bpf_sock_addr *ctx, __be32 addr, __be16 port, __be32 *new_addr, 
 		return REDIRECT_REFUSE;
 	}
 
+	/* Passive health (health.c): among the usable backends, prefer those
+	 * not marked suspect within the hold-down. When every usable backend
+	 * is suspect, pick among them as if none were: suspicion never refuses
+	 * a connect, since a mark may be a client-side fluke, and refusing
+	 * would turn it into an outage. */
+	__u32 suspect = 0, nsuspect = 0, retried = 0, fresh = live;
+	__u64 hold = suspect_hold_ns();
+	if (hold != 0) {
+#pragma unroll
+		for (int i = 0; i < MAX_BACKENDS; i++) {
+			if (!(usable & (1u << i)))
+				continue;
+			struct route_key bk = { .addr = rv->backends[i].addr, .port = rv->backends[i].port };
+			__u64 *marked = bpf_map_lookup_elem(&tether_suspect, &bk);
+			if (!marked)
+				continue;
+			/* A mark stamped after now (another CPU) counts as fresh. */
+			if (*marked >= now || now - *marked < hold) {
+				suspect |= 1u << i;
+				nsuspect++;
+			} else
+				retried |= 1u << i;
+		}
+		if (suspect != 0 && suspect != usable) {
+			usable &= ~suspect;
+			fresh = live - nsuspect;
+			health_count(HEALTH_AVOIDED);
+		}
+	}
+
 	/* Spread new connections over the usable backends. */
-	__u32 pick = bpf_get_prandom_u32() % live;
+	__u32 pick = bpf_get_prandom_u32() % fresh;
 	__u32 seen = 0;
 	struct backend chosen = {};
+	__u32 chosen_bit = 0;
 #pragma unroll
 	for (int i = 0; i < MAX_BACKENDS; i++) {
 		if (!(usable & (1u << i)))
 			continue;
 		if (seen == pick) {
 			chosen = rv->backends[i];
+			chosen_bit = 1u << i;
 			break;
 		}
 		seen++;
 	}
+	if (retried & chosen_bit)
+		health_count(HEALTH_RETRIED);
 	if (chosen.state != BACKEND_LIVE) {
 		/* The map changed under us; treat it as no live backend. */
 		count(COUNTER_NO_BACKEND);

@@ -67,22 +67,27 @@ type RedirectRouteValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	RedirectMapTetherCounters        = "tether_counters"
-	RedirectMapTetherDead            = "tether_dead"
-	RedirectMapTetherOrigDst         = "tether_orig_dst"
-	RedirectMapTetherPsDeadline      = "tether_ps_deadline"
-	RedirectMapTetherRedirectorState = "tether_redirector_state"
-	RedirectMapTetherRoutes          = "tether_routes"
-	RedirectMapTetherSelf            = "tether_self"
-	RedirectProgTetherConnect4       = "tether_connect4"
-	RedirectProgTetherConnect6       = "tether_connect6"
-	RedirectProgTetherGetpeername4   = "tether_getpeername4"
-	RedirectProgTetherGetpeername6   = "tether_getpeername6"
-	RedirectVarUnusedBackendState    = "unused_backend_state"
-	RedirectVarUnusedCounter         = "unused_counter"
-	RedirectVarUnusedOrigDst         = "unused_orig_dst"
-	RedirectVarUnusedRouteKey        = "unused_route_key"
-	RedirectVarUnusedRouteValue      = "unused_route_value"
+	RedirectMapTetherCounters         = "tether_counters"
+	RedirectMapTetherDead             = "tether_dead"
+	RedirectMapTetherHealthConfig     = "tether_health_config"
+	RedirectMapTetherHealthCounters   = "tether_health_counters"
+	RedirectMapTetherOrigDst          = "tether_orig_dst"
+	RedirectMapTetherPsDeadline       = "tether_ps_deadline"
+	RedirectMapTetherRedirectorState  = "tether_redirector_state"
+	RedirectMapTetherRoutes           = "tether_routes"
+	RedirectMapTetherSelf             = "tether_self"
+	RedirectMapTetherSuspect          = "tether_suspect"
+	RedirectProgTetherConnect4        = "tether_connect4"
+	RedirectProgTetherConnect6        = "tether_connect6"
+	RedirectProgTetherGetpeername4    = "tether_getpeername4"
+	RedirectProgTetherGetpeername6    = "tether_getpeername6"
+	RedirectVarUnusedBackendState     = "unused_backend_state"
+	RedirectVarUnusedCounter          = "unused_counter"
+	RedirectVarUnusedHealthConfigSlot = "unused_health_config_slot"
+	RedirectVarUnusedHealthCounter    = "unused_health_counter"
+	RedirectVarUnusedOrigDst          = "unused_orig_dst"
+	RedirectVarUnusedRouteKey         = "unused_route_key"
+	RedirectVarUnusedRouteValue       = "unused_route_value"
 )
 
 // LoadRedirect returns the embedded CollectionSpec for Redirect.
@@ -139,22 +144,27 @@ type RedirectProgramSpecs struct {
 type RedirectMapSpecs struct {
 	TetherCounters        *ebpf.MapSpec `ebpf:"tether_counters"`
 	TetherDead            *ebpf.MapSpec `ebpf:"tether_dead"`
+	TetherHealthConfig    *ebpf.MapSpec `ebpf:"tether_health_config"`
+	TetherHealthCounters  *ebpf.MapSpec `ebpf:"tether_health_counters"`
 	TetherOrigDst         *ebpf.MapSpec `ebpf:"tether_orig_dst"`
 	TetherPsDeadline      *ebpf.MapSpec `ebpf:"tether_ps_deadline"`
 	TetherRedirectorState *ebpf.MapSpec `ebpf:"tether_redirector_state"`
 	TetherRoutes          *ebpf.MapSpec `ebpf:"tether_routes"`
 	TetherSelf            *ebpf.MapSpec `ebpf:"tether_self"`
+	TetherSuspect         *ebpf.MapSpec `ebpf:"tether_suspect"`
 }
 
 // RedirectVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RedirectVariableSpecs struct {
-	UnusedBackendState *ebpf.VariableSpec `ebpf:"unused_backend_state"`
-	UnusedCounter      *ebpf.VariableSpec `ebpf:"unused_counter"`
-	UnusedOrigDst      *ebpf.VariableSpec `ebpf:"unused_orig_dst"`
-	UnusedRouteKey     *ebpf.VariableSpec `ebpf:"unused_route_key"`
-	UnusedRouteValue   *ebpf.VariableSpec `ebpf:"unused_route_value"`
+	UnusedBackendState     *ebpf.VariableSpec `ebpf:"unused_backend_state"`
+	UnusedCounter          *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedHealthConfigSlot *ebpf.VariableSpec `ebpf:"unused_health_config_slot"`
+	UnusedHealthCounter    *ebpf.VariableSpec `ebpf:"unused_health_counter"`
+	UnusedOrigDst          *ebpf.VariableSpec `ebpf:"unused_orig_dst"`
+	UnusedRouteKey         *ebpf.VariableSpec `ebpf:"unused_route_key"`
+	UnusedRouteValue       *ebpf.VariableSpec `ebpf:"unused_route_value"`
 }
 
 // RedirectObjects contains all objects after they have been loaded into the kernel.
@@ -179,22 +189,28 @@ func (o *RedirectObjects) Close() error {
 type RedirectMaps struct {
 	TetherCounters        *ebpf.Map `ebpf:"tether_counters"`
 	TetherDead            *ebpf.Map `ebpf:"tether_dead"`
+	TetherHealthConfig    *ebpf.Map `ebpf:"tether_health_config"`
+	TetherHealthCounters  *ebpf.Map `ebpf:"tether_health_counters"`
 	TetherOrigDst         *ebpf.Map `ebpf:"tether_orig_dst"`
 	TetherPsDeadline      *ebpf.Map `ebpf:"tether_ps_deadline"`
 	TetherRedirectorState *ebpf.Map `ebpf:"tether_redirector_state"`
 	TetherRoutes          *ebpf.Map `ebpf:"tether_routes"`
 	TetherSelf            *ebpf.Map `ebpf:"tether_self"`
+	TetherSuspect         *ebpf.Map `ebpf:"tether_suspect"`
 }
 
 func (m *RedirectMaps) Close() error {
 	return _RedirectClose(
 		m.TetherCounters,
 		m.TetherDead,
+		m.TetherHealthConfig,
+		m.TetherHealthCounters,
 		m.TetherOrigDst,
 		m.TetherPsDeadline,
 		m.TetherRedirectorState,
 		m.TetherRoutes,
 		m.TetherSelf,
+		m.TetherSuspect,
 	)
 }
 
@@ -202,11 +218,13 @@ func (m *RedirectMaps) Close() error {
 //
 // It can be passed to LoadRedirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RedirectVariables struct {
-	UnusedBackendState *ebpf.Variable `ebpf:"unused_backend_state"`
-	UnusedCounter      *ebpf.Variable `ebpf:"unused_counter"`
-	UnusedOrigDst      *ebpf.Variable `ebpf:"unused_orig_dst"`
-	UnusedRouteKey     *ebpf.Variable `ebpf:"unused_route_key"`
-	UnusedRouteValue   *ebpf.Variable `ebpf:"unused_route_value"`
+	UnusedBackendState     *ebpf.Variable `ebpf:"unused_backend_state"`
+	UnusedCounter          *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedHealthConfigSlot *ebpf.Variable `ebpf:"unused_health_config_slot"`
+	UnusedHealthCounter    *ebpf.Variable `ebpf:"unused_health_counter"`
+	UnusedOrigDst          *ebpf.Variable `ebpf:"unused_orig_dst"`
+	UnusedRouteKey         *ebpf.Variable `ebpf:"unused_route_key"`
+	UnusedRouteValue       *ebpf.Variable `ebpf:"unused_route_value"`
 }
 
 // RedirectPrograms contains all programs after they have been loaded into the kernel.

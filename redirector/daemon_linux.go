@@ -53,6 +53,10 @@ func New(cfg Config) (*Redirector, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := in.SetSuspectHold(cfg.SuspectHold); err != nil {
+		in.Close()
+		return nil, err
+	}
 	if in.Updated {
 		log.Info("re-used pinned maps and swapped programs on the pinned links", "pin_dir", cfg.PinDir, "cgroup", cg)
 	} else {
@@ -80,6 +84,10 @@ func New(cfg Config) (*Redirector, error) {
 		if err := cfg.Registerer.Register(r.collector()); err != nil {
 			r.Close()
 			return nil, fmt.Errorf("register redirector metrics: %w", err)
+		}
+		if err := cfg.Registerer.Register(newHealthCollector(in)); err != nil {
+			r.Close()
+			return nil, fmt.Errorf("register passive health metrics: %w", err)
 		}
 	}
 	return r, nil

@@ -61,19 +61,30 @@ func (in *Installation) loadIntent(dir, cgroup string) error {
 
 // --- end intent ---
 
+// sockopsHooks are the pinned links of the sockops programs, each its own
+// object loaded after the redirect object: the intent-carrying SYN and
+// passive health (health_linux.go).
+var sockopsHooks = []hook{intentHook, healthHook}
+
+// allHooks is every pinned link an installation may hold.
+func allHooks() []hook { return append(hooks[:len(hooks):len(hooks)], sockopsHooks...) }
+
 // Installation is the loaded programs and maps, attached to a cgroup and
 // pinned under a directory. Closing it releases this process's handles and
 // leaves the pins, so redirection goes on after the process exits.
 type Installation struct {
 	objs    bpf.RedirectObjects
 	intent  bpf.IntentObjects // the intent-carrying SYN (loadIntent)
+	health  bpf.HealthObjects // passive health (loadHealth)
 	PinDir  string
 	Cgroup  string
 	Updated bool // programs were swapped on existing links (a restart)
 }
 
 // Close releases the handles; the pinned maps and links stay.
-func (in *Installation) Close() error { return errors.Join(in.objs.Close(), in.intent.Close()) }
+func (in *Installation) Close() error {
+	return errors.Join(in.objs.Close(), in.intent.Close(), in.health.Close())
+}
 
 // Probe reports, as a clear error, what this kernel or process lacks to
 // run the redirector.
@@ -228,6 +239,10 @@ func Install(pinDir, cgroup string, mapSize uint32) (*Installation, error) {
 		in.Close()
 		return nil, err
 	}
+	if err := in.loadHealth(workDir, cgroup); err != nil {
+		in.Close()
+		return nil, err
+	}
 	if !existing {
 		if err := os.Rename(workDir, pinDir); err != nil {
 			in.Close()
@@ -266,7 +281,7 @@ func Uninstall(pinDir string) error {
 		return nil
 	}
 	var errs []error
-	for _, h := range append(hooks[:len(hooks):len(hooks)], intentHook) {
+	for _, h := range allHooks() {
 		pin := filepath.Join(pinDir, h.name)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if err != nil {

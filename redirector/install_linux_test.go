@@ -21,7 +21,7 @@ func TestInstallLoadsAttachesAndUninstalls(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(st.Links) != 5 || st.Capacity != 1000 { // connect4/6, getpeername4/6 and the intent sockops
+	if len(st.Links) != 6 || st.Capacity != 1000 { // connect4/6, getpeername4/6, the intent and passive health sockops
 		t.Fatalf("status: %+v", st)
 	}
 	// A second install swaps programs on the pinned links.

@@ -286,7 +286,7 @@ func (r *Reconciler) destroyDead(ctx context.Context, dead []netip.AddrPort) {
 		r.log.Warn("could not destroy sockets of dead backends", "backends", len(dead), "err", err)
 		return
 	}
-	r.log.Info("destroyed client sockets of dead backends", "backends", fmt.Sprint(dead), "sockets", n)
+	r.log.Info("destroyed client sockets of dead backends", "backends", len(dead), "first", fmt.Sprint(dead[:min(len(dead), 8)]), "sockets", n)
 }
 
 func (r *Reconciler) encodeAll(routes []registry.RouteState) ([]bpf.RedirectRouteKey, []bpf.RedirectRouteValue) {

@@ -23,6 +23,7 @@ type Config struct {
 	MapSize     int           `yaml:"map-size" flag:"map-size" usage:"capacity of the route map (routes)"`
 	Metrics     string        `yaml:"metrics" flag:"metrics" usage:"address to serve /metrics and /healthz on (empty = off)"`
 	KernelGrace time.Duration `yaml:"kernel-grace" flag:"kernel-grace" usage:"how long past a PS's lease the kernel keeps redirecting to it when no redirector refreshes the map (a redirector restart must take less)"`
+	SuspectHold time.Duration `yaml:"suspect-hold" flag:"suspect-hold" usage:"passive health: how long connects avoid a backend after a connect to it was refused or got no SYN-ACK, while another backend is unmarked (0 = off)"`
 
 	Logger     *slog.Logger          `yaml:"-"`
 	Registerer prometheus.Registerer `yaml:"-"`
@@ -40,6 +41,7 @@ func DefaultConfig() Config {
 		Resync:      30 * time.Second,
 		MapSize:     1000000,
 		KernelGrace: 2 * time.Minute,
+		SuspectHold: 5 * time.Second,
 	}
 }
 
@@ -72,6 +74,9 @@ func (c *Config) Validate() error {
 	if c.KernelGrace < time.Second || c.KernelGrace > 24*time.Hour {
 		errs = append(errs, fmt.Errorf("--kernel-grace %v is out of range 1s-24h", c.KernelGrace))
 	}
+	if c.SuspectHold < 0 || c.SuspectHold > time.Hour {
+		errs = append(errs, fmt.Errorf("--suspect-hold %v is out of range 0-1h (0 turns passive health off)", c.SuspectHold))
+	}
 	return errors.Join(errs...)
 }
 
@@ -96,6 +101,9 @@ type Status struct {
 	Writes *WriteStatus `json:"writes,omitempty"`
 	// Deadlines is the PS deadlines in the kernel map.
 	Deadlines DeadlineStatus `json:"ps_deadlines"`
+	// Health is passive health (health_linux.go); nil on an installation
+	// of a version without it.
+	Health *HealthStatus `json:"passive_health,omitempty"`
 }
 
 // WriteStatus is the route map write state a redirector stored in the pins.
@@ -112,4 +120,26 @@ type WriteStatus struct {
 type DeadlineStatus struct {
 	PSAddresses int      `json:"ps_addresses"`
 	Lapsed      []string `json:"lapsed,omitempty"`
+}
+
+// HealthStatus is passive health as the pins show it: the hold-down the
+// programs use, their counters, and the backends marked suspect.
+type HealthStatus struct {
+	// Hold is the hold-down the programs read; "off" when 0.
+	Hold     string            `json:"hold"`
+	Counters map[string]uint64 `json:"counters"`
+	// Marked counts the backends in the suspect map; Avoided those of them
+	// within the hold-down (connects avoid them while another is unmarked).
+	Marked  int `json:"marked"`
+	Avoided int `json:"avoided_now"`
+	// Suspects lists the most recently marked backends, newest first
+	// (at most maxSuspectsShown).
+	Suspects []SuspectBackend `json:"suspects,omitempty"`
+}
+
+// SuspectBackend is one backend of the suspect map.
+type SuspectBackend struct {
+	Backend          string  `json:"backend"`
+	MarkedSecondsAgo float64 `json:"marked_seconds_ago"`
+	WithinHoldDown   bool    `json:"within_hold_down"`
 }

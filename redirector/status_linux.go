@@ -42,7 +42,10 @@ func ReadStatus(pinDir string) (Status, error) {
 	if err := readIntentCounters(pinDir, st.Counters); err != nil {
 		return st, err
 	}
-	for _, h := range append(hooks[:len(hooks):len(hooks)], intentHook) {
+	if st.Health, err = readHealthStatus(pinDir); err != nil {
+		return st, err
+	}
+	for _, h := range allHooks() {
 		if l, err := link.LoadPinnedLink(filepath.Join(pinDir, h.name), nil); err == nil {
 			st.Links = append(st.Links, h.name)
 			l.Close()

@@ -32,6 +32,12 @@ broadcast ones: those only when --target-cidrs names a range inside them
 whose target is not allowed is kept out of the kernel map, logged once and
 counted in tether_redirector_routes_skipped_total.
 
+Passive health: a redirected connect that is refused (RST to the SYN) or gets
+no SYN-ACK within the first retransmit (about 1 s) marks its backend suspect
+in the kernel; new connects avoid it for --suspect-hold while another backend
+of the route is unmarked, then try it again. A connect is never refused
+because of suspicion alone. --suspect-hold 0 turns it off.
+
 Maps and links are pinned under --pin-dir: stopping or restarting the
 redirector never stops redirection (a restart swaps the programs atomically on
 the pinned links). "tether redirector uninstall" removes everything.`,

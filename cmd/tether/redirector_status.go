@@ -17,6 +17,7 @@ func writeStatus(cmd *cobra.Command, st redirector.Status) error {
 	fmt.Fprintf(tw, "routes\t%d of %d\n", st.Routes, st.Capacity)
 	fmt.Fprintf(tw, "links\t%v\n", st.Links)
 	writeMapState(tw, st)
+	writeHealth(tw, st.Health)
 	names := make([]string, 0, len(st.Counters))
 	for k := range st.Counters {
 		names = append(names, k)
@@ -46,4 +47,26 @@ func writeMapState(w io.Writer, st redirector.Status) {
 		fmt.Fprintf(w, "state written\t%.0fs ago (kernel grace %s)\n", ws.UpdatedSecondsAgo, ws.KernelGrace)
 	}
 	fmt.Fprintf(w, "ps deadlines\t%d addresses, %d lapsed %v\n", st.Deadlines.PSAddresses, len(st.Deadlines.Lapsed), st.Deadlines.Lapsed)
+}
+
+// writeHealth prints passive health: the hold-down, its counters, and the
+// backends marked suspect (newest first).
+func writeHealth(w io.Writer, h *redirector.HealthStatus) {
+	if h == nil {
+		fmt.Fprintf(w, "passive health	not installed (an older version's pins)\n")
+		return
+	}
+	fmt.Fprintf(w, "passive health	hold-down %s; %d backends marked, %d avoided now\n", h.Hold, h.Marked, h.Avoided)
+	fmt.Fprintf(w, "health events	marked_refused %d, marked_timeout %d, cleared %d, avoided %d, retried_after_hold %d\n",
+		h.Counters["marked_refused"], h.Counters["marked_timeout"], h.Counters["cleared"], h.Counters["avoided"], h.Counters["retried_after_hold"])
+	for _, s := range h.Suspects {
+		state := "hold-down over"
+		if s.WithinHoldDown {
+			state = "avoided"
+		}
+		fmt.Fprintf(w, "  suspect %s\tmarked %.1fs ago, %s\n", s.Backend, s.MarkedSecondsAgo, state)
+	}
+	if h.Marked > len(h.Suspects) {
+		fmt.Fprintf(w, "  ...\t%d more (tether redirector status -o json, or bpftool map dump pinned <pin-dir>/tether_suspect)\n", h.Marked-len(h.Suspects))
+	}
 }
