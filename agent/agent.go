@@ -144,7 +144,9 @@ func (a *Agent) HeldPS() []string {
 	return out
 }
 
-// Run holds the tunnels until ctx ends.
+// Run holds the tunnels until ctx ends, then drains each one (its PS
+// withdraws the routes, streams in flight get up to DrainTimeout) and
+// returns. Close during the drain ends it at once.
 func (a *Agent) Run(ctx context.Context) error {
 	if !a.ip.IsValid() {
 		ip, err := a.sourceIP(ctx)
@@ -165,7 +167,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	return g.Wait()
 }
 
-// Close closes the tunnels; Run returns once its context ends.
+// Close closes the tunnels at once (ending a drain in progress); Run
+// returns once its context ends.
 func (a *Agent) Close() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -193,22 +196,29 @@ func (a *Agent) sourceIP(ctx context.Context) (netip.Addr, error) {
 
 func (a *Agent) runSlot(ctx context.Context, slot int) {
 	log := a.log.With("slot", slot)
-	bo := newBackoff(a.cfg.BackoffMin, a.cfg.BackoffMax)
+	// A slot that cannot be placed (fewer PS nodes than --tunnels) is not
+	// failing: it waits on a slow schedule of its own, says so once, and
+	// is not counted as a reconnect (see slotBackoff).
+	bo := newSlotBackoff(a.cfg.BackoffMin, a.cfg.BackoffMax)
 	keepConnected(ctx, bo, a.cfg.StableAfter,
 		func(ctx context.Context) (*tunnel.AgentSession, error) { return a.connect(ctx, slot, log) },
 		func(ctx context.Context, s *tunnel.AgentSession) { a.serve(ctx, slot, s, log) },
 		func(err error, wait time.Duration) {
-			a.m.reconnects.Inc()
+			if !errors.Is(err, errOnlyOnePS) {
+				a.m.reconnects.Inc()
+			}
 			switch {
 			case errors.Is(err, errOnlyOnePS):
 				a.mu.Lock()
 				first := !a.onlyOne
 				a.onlyOne = true
+				held := len(a.held)
 				a.mu.Unlock()
 				if first {
-					log.Warn("only one PS reachable: running with fewer tunnels than wanted, retrying", "held_ps", a.HeldPS(), "retry_in", wait.Round(time.Millisecond))
+					log.Warn("fewer PS nodes reachable than --tunnels: running with fewer tunnels than wanted, retrying slowly",
+						"tunnels", held, "wanted", a.cfg.Tunnels, "held_ps", a.HeldPS(), "retry_in", wait.Round(time.Millisecond))
 				} else {
-					log.Debug("still only one PS reachable", "retry_in", wait.Round(time.Millisecond))
+					log.Debug("still no PS free for this slot", "retry_in", wait.Round(time.Millisecond))
 				}
 			case errors.Is(err, errSessionEnded):
 				log.Warn("tunnel lost, reconnecting", "retry_in", wait.Round(time.Millisecond))
@@ -277,6 +287,7 @@ func (a *Agent) connect(ctx context.Context, slot int, log *slog.Logger) (*tunne
 		if err != nil {
 			var rf *tunnel.Refuse
 			if errors.As(err, &rf) && rf.Code == tunnel.CodeDuplicatePS {
+				a.m.placementRefusals.Inc()
 				dupes++
 				continue
 			}
@@ -344,6 +355,8 @@ func (a *Agent) dialOne(ctx context.Context, c candidate, held []string) (*tunne
 	}
 	return tunnel.Handshake(ctx, conn, hello, tunnel.ClientConfig{
 		TLS: tlsCfg, Timeout: a.cfg.ConnectTimeout, Window: uint32(a.cfg.StreamWindow), Logger: a.log,
+		DisableControl: a.cfg.DisableControl,
+		Liveness:       tunnel.Liveness{DeadAfter: a.cfg.TunnelDeadAfter, OnDead: func(time.Duration) { a.m.silent.Inc() }},
 	})
 }
 
@@ -367,7 +380,14 @@ func (a *Agent) logWelcome(log *slog.Logger, c candidate, s *tunnel.AgentSession
 // route, no free port), it handshakes again after RetryRefused with a newer
 // epoch; on the same PS the new session takes over the old one's ports, so
 // the endpoints already served do not move.
+//
+// When ctx ends the session drains (drain, agent/report.go). When the
+// tunnel ends while the agent runs, and its PS did not close it on
+// purpose, the loss is reported through the other tunnels before serve
+// returns, so the slot re-dials only after the report was acked.
 func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log *slog.Logger) {
+	tr := track(s)
+	lost := false
 	defer func() {
 		_ = s.Close()
 		a.mu.Lock()
@@ -375,8 +395,11 @@ func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log
 		delete(a.sessions, slot)
 		a.mu.Unlock()
 		a.m.tunnels.Dec()
+		if lost {
+			a.reportLost(s, log)
+		}
 	}()
-	go a.acceptStreams(ctx, s, log.With("ps_id", s.Welcome.PSID))
+	go a.acceptStreams(tr, log.With("ps_id", s.Welcome.PSID))
 	for {
 		var retry <-chan time.Time
 		var t *time.Timer
@@ -393,10 +416,12 @@ func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log
 			t.Stop()
 		}
 		if ctx.Err() != nil {
+			a.drain(tr, time.Now().Add(a.cfg.DrainTimeout), log.With("ps_id", s.Welcome.PSID))
 			return
 		}
 		select {
 		case <-s.Done():
+			lost = a.tunnelLost(s, log)
 			return
 		default:
 		}
@@ -407,7 +432,8 @@ func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log
 		}
 		old := s
 		s = ns
-		go a.acceptStreams(ctx, s, log.With("ps_id", s.Welcome.PSID))
+		tr = track(s)
+		go a.acceptStreams(tr, log.With("ps_id", s.Welcome.PSID))
 		if old.Welcome.PSID != ns.Welcome.PSID {
 			log.Info("tunnel moved to another ps while retrying refused endpoints", "from", old.Welcome.PSID, "to", ns.Welcome.PSID)
 		}
@@ -416,14 +442,25 @@ func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log
 	}
 }
 
-// acceptStreams serves the streams of s until it ends.
-func (a *Agent) acceptStreams(ctx context.Context, s *tunnel.AgentSession, log *slog.Logger) {
+// acceptStreams serves the streams of t's session until it ends. It does
+// not stop when the agent's context ends: a drain keeps serving until its
+// settle is over, then refuses new streams (busy) until the tunnel closes.
+func (a *Agent) acceptStreams(t *tracked, log *slog.Logger) {
 	for {
-		in, err := s.Accept(ctx)
+		in, err := t.sess.Accept(context.Background())
 		if err != nil {
 			return
 		}
-		go a.handleStream(in, log)
+		if t.refusing.Load() {
+			go func() { _ = in.Reject(tunnel.StreamBusy, errDraining.Error()) }()
+			continue
+		}
+		t.lastStream.Store(time.Now().UnixNano())
+		t.inflight.Add(1)
+		go func() {
+			defer t.inflight.Add(-1)
+			a.handleStream(in, log)
+		}()
 	}
 }
 
@@ -442,8 +479,11 @@ func retryable(w *tunnel.Welcome) bool {
 // handleStream answers one stream: it checks the target is exposed, dials
 // it, reports the outcome, then joins the two.
 func (a *Agent) handleStream(in *tunnel.Incoming, log *slog.Logger) {
-	a.m.streams.Inc()
 	h, err := in.ReadHeader(headerTimeout)
+	if errors.Is(err, tunnel.ErrControlStream) {
+		return // the tunnel's control channel, not a client connection
+	}
+	a.m.streams.Inc()
 	if err != nil {
 		code := tunnel.StreamBadHeader
 		if errors.Is(err, tunnel.ErrVersion) {

@@ -148,7 +148,7 @@ func TestAgentKeepsTwoDistinctPSNodes(t *testing.T) {
 	target := netip.MustParseAddrPort("127.77.0.2:9100")
 	tunneltest.WaitBackends(t, reg, target, 1)
 	testutil.Eventually(t, 10*time.Second, "the agent warns that only one PS is reachable", func() error {
-		if !strings.Contains(alog.String(), "only one PS reachable") {
+		if !strings.Contains(alog.String(), "running with fewer tunnels than wanted") {
 			return fmt.Errorf("no warning yet")
 		}
 		return nil

@@ -135,3 +135,32 @@ func TestKeepConnectedStopsDuringBackoff(t *testing.T) {
 		}
 	})
 }
+
+// A slot that cannot be placed waits on its own slow schedule: at least
+// half of a ceiling that grows to the maximum. Placement refusals do not
+// advance the reconnect backoff, and a real failure (or a tunnel that
+// ended) starts the placement schedule over.
+func TestSlotBackoffKeepsPlacementApart(t *testing.T) {
+	s := newSlotBackoff(100*time.Millisecond, 2*time.Second)
+	s.placement.rand = func() float64 { return 0 } // the bottom of each interval
+	s.reconnect.rand = func() float64 { return 0.999999 }
+	var got []time.Duration
+	for range 7 {
+		got = append(got, s.after(errOnlyOnePS).Round(time.Millisecond))
+	}
+	want := []time.Duration{50, 100, 200, 400, 800, 1000, 1000}
+	for i := range want {
+		if got[i] != want[i]*time.Millisecond {
+			t.Fatalf("placement waits %v, want %v ms (half the ceiling at least)", got, want)
+		}
+	}
+	if d := s.after(errors.New("dial refused")).Round(time.Millisecond); d != 100*time.Millisecond {
+		t.Fatalf("first real failure after placement refusals waits %v, want the reconnect minimum 100ms", d)
+	}
+	if d := s.after(errOnlyOnePS).Round(time.Millisecond); d != 50*time.Millisecond {
+		t.Fatalf("placement after a real failure waits %v, want to start over at 50ms", d)
+	}
+	if d := s.after(errSessionEnded).Round(time.Millisecond); d != 200*time.Millisecond {
+		t.Fatalf("second real failure waits %v, want 200ms: placement refusals left the reconnect schedule alone", d)
+	}
+}

@@ -32,17 +32,23 @@ type Config struct {
 	TLSCA         string `yaml:"tls-ca" flag:"tls-ca" usage:"PEM CA bundle the PS certificate must chain to (enables TLS; without it TLS verifies against system roots)"`
 	TLSServerName string `yaml:"tls-server-name" flag:"tls-server-name" usage:"name to verify the PS certificate against (default: the host of --server)"`
 
-	DialTimeout    time.Duration `yaml:"dial-timeout" flag:"dial-timeout" usage:"timeout dialing a local target"`
-	ConnectTimeout time.Duration `yaml:"connect-timeout" flag:"connect-timeout" usage:"timeout of a tunnel's dial and handshake"`
-	BackoffMin     time.Duration `yaml:"backoff-min" flag:"backoff-min" usage:"first reconnect backoff ceiling"`
-	BackoffMax     time.Duration `yaml:"backoff-max" flag:"backoff-max" usage:"largest reconnect backoff"`
-	StableAfter    time.Duration `yaml:"stable-after" flag:"stable-after" usage:"a tunnel up this long resets the backoff"`
-	StreamWindow   int           `yaml:"stream-window" flag:"stream-window" usage:"yamux receive window per stream, bytes"`
-	RetryRefused   time.Duration `yaml:"retry-refused" flag:"retry-refused" usage:"how long after a PS refused endpoints (conflict, no free port) the agent asks again"`
+	DialTimeout     time.Duration `yaml:"dial-timeout" flag:"dial-timeout" usage:"timeout dialing a local target"`
+	ConnectTimeout  time.Duration `yaml:"connect-timeout" flag:"connect-timeout" usage:"timeout of a tunnel's dial and handshake"`
+	BackoffMin      time.Duration `yaml:"backoff-min" flag:"backoff-min" usage:"first reconnect backoff ceiling"`
+	BackoffMax      time.Duration `yaml:"backoff-max" flag:"backoff-max" usage:"largest reconnect backoff"`
+	StableAfter     time.Duration `yaml:"stable-after" flag:"stable-after" usage:"a tunnel up this long resets the backoff"`
+	StreamWindow    int           `yaml:"stream-window" flag:"stream-window" usage:"yamux receive window per stream, bytes"`
+	RetryRefused    time.Duration `yaml:"retry-refused" flag:"retry-refused" usage:"how long after a PS refused endpoints (conflict, no free port) the agent asks again"`
+	DrainTimeout    time.Duration `yaml:"drain-timeout" flag:"drain-timeout" usage:"on SIGTERM, how long streams in flight may take to finish after the routes were withdrawn (a second signal stops at once)"`
+	TunnelDeadAfter time.Duration `yaml:"tunnel-dead-after" flag:"tunnel-dead-after" usage:"close a tunnel whose PS sent nothing (not even a ping answer) for this long, and reconnect"`
 
 	// Set by code, not by flags.
 	Logger     *slog.Logger          `yaml:"-"`
 	Registerer prometheus.Registerer `yaml:"-"`
+	// DisableControl makes the tunnels refuse the PS's control channel as
+	// an agent that predates it does: no lost-tunnel reports, no withdraw
+	// on drain (tests of that compatibility).
+	DisableControl bool `yaml:"-"`
 	// Token, when set, is used instead of TokenFile / TETHER_TOKEN.
 	Token string `yaml:"-"`
 	// LookupNetIP resolves server names; default net.DefaultResolver.
@@ -52,14 +58,16 @@ type Config struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		Tunnels:        2,
-		DialTimeout:    5 * time.Second,
-		ConnectTimeout: 10 * time.Second,
-		BackoffMin:     500 * time.Millisecond,
-		BackoffMax:     30 * time.Second,
-		StableAfter:    30 * time.Second,
-		StreamWindow:   tunnel.DefaultStreamWindow,
-		RetryRefused:   time.Minute,
+		Tunnels:         2,
+		DialTimeout:     5 * time.Second,
+		ConnectTimeout:  10 * time.Second,
+		BackoffMin:      500 * time.Millisecond,
+		BackoffMax:      30 * time.Second,
+		StableAfter:     30 * time.Second,
+		StreamWindow:    tunnel.DefaultStreamWindow,
+		RetryRefused:    time.Minute,
+		TunnelDeadAfter: tunnel.DefaultDeadAfter,
+		DrainTimeout:    30 * time.Second,
 	}
 }
 
@@ -130,6 +138,12 @@ func (c *Config) Validate() error {
 	}
 	if c.DialTimeout <= 0 || c.ConnectTimeout <= 0 || c.BackoffMin <= 0 || c.BackoffMax < c.BackoffMin || c.StableAfter <= 0 || c.RetryRefused <= 0 {
 		errs = append(errs, errors.New("timeouts and backoffs must be positive, and --backoff-max >= --backoff-min"))
+	}
+	if c.DrainTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--drain-timeout %v: want a positive duration", c.DrainTimeout))
+	}
+	if c.TunnelDeadAfter < tunnel.MinDeadAfter {
+		errs = append(errs, fmt.Errorf("--tunnel-dead-after %v: want at least %v", c.TunnelDeadAfter, tunnel.MinDeadAfter))
 	}
 	if c.StreamWindow < 256<<10 || c.StreamWindow > 1<<30 {
 		errs = append(errs, fmt.Errorf("--stream-window %d: want 256 KiB to 1 GiB", c.StreamWindow))

@@ -7,13 +7,22 @@ import (
 )
 
 type metrics struct {
-	tunnels      prometheus.Gauge
-	reconnects   prometheus.Counter
-	streams      prometheus.Counter
-	streamsOpen  prometheus.Gauge
-	streamErrors *prometheus.CounterVec
-	bytesIn      prometheus.Counter
-	bytesOut     prometheus.Counter
+	tunnels    prometheus.Gauge
+	reconnects prometheus.Counter
+	// placementRefusals counts handshakes a PS refused because the agent
+	// already holds a tunnel on it (fewer PS nodes than --tunnels); they
+	// are not reconnects. silent counts tunnels closed because the PS sent
+	// nothing for --tunnel-dead-after.
+	placementRefusals prometheus.Counter
+	silent            prometheus.Counter
+	streams           prometheus.Counter
+	streamsOpen       prometheus.Gauge
+	streamErrors      *prometheus.CounterVec
+	bytesIn           prometheus.Counter
+	bytesOut          prometheus.Counter
+	// lostReports counts lost-tunnel reports sent through surviving
+	// tunnels, by result (agent/report.go).
+	lostReports *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -24,7 +33,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		tunnels: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_agent_tunnels", Help: "Tunnels currently up."}),
 		reconnects: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "tether_agent_reconnects_total", Help: "Tunnel attempts that failed or tunnels that ended, each followed by a backoff."}),
+			Name: "tether_agent_reconnects_total", Help: "Real reconnects: tunnels that were up and ended, and failed attempts (dial, handshake) of a slot that wanted a tunnel; not placement refusals."}),
+		placementRefusals: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_agent_placement_refusals_total", Help: "Handshakes refused with duplicate_ps: the PS reached already holds a tunnel of this agent (fewer PS nodes than --tunnels)."}),
+		silent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_agent_tunnels_silent_total", Help: "Tunnels closed because the PS sent nothing for --tunnel-dead-after (a silent death)."}),
 		streams: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_agent_streams_total", Help: "Streams received from proxy servers."}),
 		streamsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -32,6 +45,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		streamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_agent_stream_errors_total", Help: "Streams refused, by reason (not_exposed, dial_refused, dial_timeout, ...)."},
 			[]string{"reason"}),
+		lostReports: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_agent_lost_tunnel_reports_total", Help: "Lost-tunnel reports, one per surviving tunnel, by result: ok (acked), refused (acked with a refusal), error (no ack in time), no_control (that tunnel's PS has no control channel), no_tunnel (no other tunnel to report through)."},
+			[]string{"result"}),
 		bytesIn:  bytes.WithLabelValues("to_target"),
 		bytesOut: bytes.WithLabelValues("from_target"),
 	}
@@ -39,7 +55,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, c := range tunnel.StreamRefusalCodes() {
 		m.streamErrors.WithLabelValues(c.String())
 	}
-	for _, c := range []prometheus.Collector{m.tunnels, m.reconnects, m.streams, m.streamsOpen, m.streamErrors, bytes} {
+	for _, r := range reportResults {
+		m.lostReports.WithLabelValues(r)
+	}
+	for _, c := range []prometheus.Collector{m.tunnels, m.reconnects, m.placementRefusals, m.silent, m.streams, m.streamsOpen, m.streamErrors, m.lostReports, bytes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

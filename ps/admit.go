@@ -99,7 +99,13 @@ func (p *PS) refuse(conn net.Conn, log *slog.Logger, err error) {
 	switch {
 	case errors.As(err, &rf):
 		p.m.handshakes.WithLabelValues(rf.Code.String()).Inc()
-		log.Warn("refused tunnel", "code", rf.Code.String(), "reason", rf.Reason)
+		level := slog.LevelWarn
+		if rf.Code == tunnel.CodeDuplicatePS {
+			// Routine, not trouble: an agent with fewer PS nodes than
+			// --tunnels probes for another one now and then. Counted.
+			level = slog.LevelDebug
+		}
+		log.Log(context.Background(), level, "refused tunnel", "code", rf.Code.String(), "reason", rf.Reason)
 		p.closeRefused(conn, rf)
 		return
 	case errors.As(err, &he):
@@ -179,6 +185,7 @@ func (p *PS) admit(ctx context.Context, conn net.Conn, h *tunnel.Hello, source n
 	}
 	s := p.commit(ctx, a, tun)
 	slot.current = s
+	go p.serveControl(ctx, s)
 	return s, nil
 }
 
@@ -321,7 +328,9 @@ func (p *PS) welcome(conn net.Conn, a *admission) (*tunnel.PSSession, error) {
 	_ = conn.SetDeadline(time.Time{})
 	tun, err := tunnel.NewPSSession(conn, a.log, p.window, tunnel.OnAgentStream(func() {
 		p.m.violations.WithLabelValues("agent_opened_stream").Inc()
-	}))
+	}), tunnel.WithLiveness(tunnel.Liveness{DeadAfter: p.cfg.TunnelDeadAfter, OnDead: func(time.Duration) {
+		p.m.silent.Inc()
+	}}))
 	if err != nil {
 		return nil, &tunnel.Refuse{Code: tunnel.CodeInternal, Reason: err.Error()}
 	}
@@ -355,8 +364,13 @@ func (p *PS) commit(ctx context.Context, a *admission, tun *tunnel.PSSession) *p
 				leftovers = append(leftovers, b)
 			}
 		}
-		go func() { _ = a.cur.tun.Close() }()
-		s.log.Info("newer session supersedes the old one", "old_epoch", a.cur.epoch)
+		// The new session owns the bindings from here on: new client
+		// connections go to it. The old one finishes what it carries, in
+		// the background, so a half-open old connection never delays
+		// this one.
+		go p.retire(a.cur, s.log.With("old_session", a.cur.serial, "old_epoch", a.cur.epoch))
+		s.log.Info("newer session supersedes the old one; the old one finishes its in-flight streams", "old_epoch", a.cur.epoch,
+			"old_connections", a.cur.inflight.Load(), "drain_timeout", p.cfg.DrainTimeout)
 	}
 	for _, b := range s.bindings {
 		b.setSession(s)
@@ -381,6 +395,42 @@ func (p *PS) commit(ctx context.Context, a *admission, tun *tunnel.PSSession) *p
 	}()
 	p.logAdmitted(s, a)
 	return s
+}
+
+// retire ends a superseded session without cutting what it carries (a
+// rolling agent restart: the new agent process took over, the old one
+// still serves connections that started on it). It tells the agent that
+// no new streams will come (GoAway; nothing would open one anyway, the
+// bindings point at the new session), waits until the session's streams
+// have ended, at most --drain-timeout, and closes it. A dead or half-open
+// old connection is closed sooner by its liveness watchdog.
+func (p *PS) retire(old *psSession, log *slog.Logger) {
+	start := time.Now()
+	// GoAway may wait up to the write timeout on a half-open connection:
+	// aside, so the wait below starts at once.
+	go func() { _ = old.tun.GoAway() }()
+	deadline := time.NewTimer(p.cfg.DrainTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	// The first look comes after a tick: a client connection that loaded
+	// the old session just before the takeover counts itself a moment
+	// later (handleConn). Streams are counted by the client connections
+	// carried, not by yamux, whose count includes the control channel.
+	for first := true; first || old.inflight.Load() > 0; first = false {
+		select {
+		case <-old.tun.Done():
+			log.Info("superseded session ended", "took", time.Since(start).Round(time.Millisecond))
+			return
+		case <-deadline.C:
+			log.Warn("superseded session still carries connections after --drain-timeout: closing them", "connections", old.inflight.Load(), "drain_timeout", p.cfg.DrainTimeout)
+			_ = old.tun.Close()
+			return
+		case <-tick.C:
+		}
+	}
+	_ = old.tun.Close()
+	log.Info("superseded session closed after its in-flight streams ended", "took", time.Since(start).Round(time.Millisecond))
 }
 
 // logAdmitted logs the new tunnel and the first few refused endpoints.

@@ -63,6 +63,8 @@ func (p *PS) handleConn(port uint16, c net.Conn, load connLoad) {
 	}
 	p.inflight.Add(1)
 	defer p.inflight.Add(-1)
+	s.inflight.Add(1) // a superseded session waits for these (retire)
+	defer s.inflight.Add(-1)
 	p.m.streams.Inc()
 	p.m.streamsOpen.Inc()
 	defer p.m.streamsOpen.Dec()

@@ -28,9 +28,14 @@ type psMetrics struct {
 	// violations counts tunnels closed because the agent broke the
 	// protocol after the handshake (reason agent_opened_stream, ...).
 	violations *prometheus.CounterVec
-	insecure   prometheus.Gauge
+	// silent counts tunnels closed because the agent sent nothing for
+	// --tunnel-dead-after (tunnel/liveness.go).
+	silent   prometheus.Counter
+	insecure prometheus.Gauge
 	// intent counts the intent check's results (ps/intent.go).
 	intent *intentStats
+	// reports counts lost-tunnel reports (ps/report.go).
+	reports *reportStats
 }
 
 func codeStrings(codes []tunnel.Code) []string {
@@ -75,12 +80,15 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 			[]string{"reason"}),
 		idleClosed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_ps_conns_idle_closed_total", Help: "Client connections closed after --idle-timeout without traffic either way."}),
+		silent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_ps_tunnels_silent_total", Help: "Tunnels closed because the agent sent nothing for --tunnel-dead-after (a silent death)."}),
 		violations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_ps_tunnel_violations_total", Help: "Tunnels closed because the agent broke the protocol after the handshake, by what it did."},
 			[]string{"reason"}),
 		insecure: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_ps_insecure", Help: "1 when the PS runs with --insecure (agents need no credential), else 0."}),
-		intent: newIntentStats(),
+		intent:  newIntentStats(),
+		reports: newReportStats(),
 	}
 	// Every known result and reason is exported from the start, at zero, so
 	// that dashboards and rate() see a series before the first event.
@@ -99,7 +107,7 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 	m.violations.WithLabelValues("agent_opened_stream")
 	for _, c := range []prometheus.Collector{m.tunnels, m.handshakes, m.endpoints, m.streamsOpen, m.streams,
 		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected,
-		m.connsRefused, m.idleClosed, m.violations, m.insecure, m.intent.results} {
+		m.connsRefused, m.idleClosed, m.violations, m.silent, m.insecure, m.intent.results, m.reports.results} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -46,6 +46,7 @@ type Config struct {
 	MaxHandshakes    int           `yaml:"max-handshakes" flag:"max-handshakes" usage:"handshakes in progress at once; more are refused as busy"`
 	HandshakeRate    float64       `yaml:"handshake-rate" flag:"handshake-rate" usage:"new handshakes per second (burst = max-handshakes); 0 = unbounded"`
 	StreamWindow     int           `yaml:"stream-window" flag:"stream-window" usage:"yamux receive window per stream, bytes"`
+	TunnelDeadAfter  time.Duration `yaml:"tunnel-dead-after" flag:"tunnel-dead-after" usage:"close a tunnel whose agent sent nothing (not even a ping answer) for this long"`
 	PreambleTimeout  time.Duration `yaml:"preamble-timeout" flag:"preamble-timeout" usage:"deadline for TLS, the preamble and the Hello of a new tunnel"`
 	SourceHandshakes int           `yaml:"source-handshakes" flag:"source-handshakes" usage:"handshakes in progress at once from one source address"`
 	CredTunnels      int           `yaml:"credential-tunnels" flag:"credential-tunnels" usage:"tunnels one credential may hold on this PS"`
@@ -78,6 +79,7 @@ func DefaultConfig() Config {
 		MaxHandshakes:    64,
 		HandshakeRate:    500,
 		StreamWindow:     tunnel.DefaultStreamWindow,
+		TunnelDeadAfter:  tunnel.DefaultDeadAfter,
 		PreambleTimeout:  3 * time.Second,
 		SourceHandshakes: 8,
 		CredTunnels:      256,
@@ -135,6 +137,9 @@ func (c *Config) Validate() error {
 	}
 	if c.StreamWindow < 256<<10 || c.StreamWindow > 1<<30 {
 		errs = append(errs, fmt.Errorf("--stream-window %d: want 256 KiB to 1 GiB", c.StreamWindow))
+	}
+	if c.TunnelDeadAfter < tunnel.MinDeadAfter {
+		errs = append(errs, fmt.Errorf("--tunnel-dead-after %v: want at least %v", c.TunnelDeadAfter, tunnel.MinDeadAfter))
 	}
 	if err := validIntentMode(c.Intent); err != nil {
 		errs = append(errs, err)

@@ -23,6 +23,9 @@ type psSession struct {
 	quota usage
 	log   *slog.Logger
 	tun   *tunnel.PSSession
+	// inflight counts the client connections this session carries now;
+	// once superseded, it is closed when they have ended (retire).
+	inflight atomic.Int64
 
 	mu       sync.Mutex
 	bindings map[netip.AddrPort]*binding

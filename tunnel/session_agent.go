@@ -1,11 +1,14 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -23,6 +26,12 @@ type ClientConfig struct {
 	Window uint32
 	// Logger receives yamux's debug lines; nil discards them.
 	Logger *slog.Logger
+	// Liveness configures the watchdog that closes the session when the
+	// PS has sent nothing for Liveness.DeadAfter (liveness.go).
+	Liveness Liveness
+	// DisableControl makes the session refuse the PS's control stream as
+	// an agent that predates it does (tests of that compatibility).
+	DisableControl bool
 }
 
 // AgentSession is the agent's end of an established tunnel: the PS opens
@@ -31,6 +40,11 @@ type AgentSession struct {
 	Welcome *Welcome
 	conn    net.Conn
 	mux     *yamux.Session
+
+	// The control channel, once the PS opened it (control.go).
+	noControl bool
+	ctlMu     sync.Mutex
+	control   *ControlClient
 }
 
 // Handshake runs the agent's side of the handshake on conn (which it owns
@@ -102,11 +116,13 @@ func handshake(ctx context.Context, conn net.Conn, hello *Hello, cfg ClientConfi
 	if err := conn.SetDeadline(time.Time{}); err != nil {
 		return nil, fmt.Errorf("handshake: %w", err)
 	}
-	mux, err := yamux.Server(newCoalescingConn(conn), yamuxConfig(cfg.Logger, cfg.Window))
+	mux, err := startSession(conn, cfg.Liveness, cfg.Logger, func(c net.Conn) (*yamux.Session, error) {
+		return yamux.Server(c, yamuxConfig(cfg.Logger, cfg.Window))
+	})
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
 	}
-	return &AgentSession{Welcome: w, conn: conn, mux: mux}, nil
+	return &AgentSession{Welcome: w, conn: conn, mux: mux, noControl: cfg.DisableControl}, nil
 }
 
 func ctxErr(ctx context.Context, err error) error {
@@ -126,7 +142,7 @@ func (s *AgentSession) Accept(ctx context.Context) (*Incoming, error) {
 		}
 		return nil, fmt.Errorf("%w: %w", ErrSessionClosed, err)
 	}
-	return &Incoming{st: st}, nil
+	return &Incoming{st: st, sess: s}, nil
 }
 
 // Done is closed when the tunnel is gone.
@@ -142,12 +158,26 @@ func (s *AgentSession) NumStreams() int { return s.mux.NumStreams() }
 func (s *AgentSession) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }
 
 // Incoming is a stream the PS opened, before the agent has answered it.
-type Incoming struct{ st *yamux.Stream }
+type Incoming struct {
+	st   *yamux.Stream
+	sess *AgentSession
+}
 
-// ReadHeader reads the stream header, waiting at most timeout.
+// ReadHeader reads the stream header, waiting at most timeout. The
+// control stream is taken over by the session (control.go): ReadHeader
+// then returns ErrControlStream and the caller has nothing to serve.
 func (in *Incoming) ReadHeader(timeout time.Duration) (StreamHeader, error) {
 	_ = in.st.SetReadDeadline(time.Now().Add(timeout))
-	h, err := ReadStreamHeader(in.st)
+	var pre [2]byte
+	if _, err := io.ReadFull(in.st, pre[:]); err != nil {
+		_ = in.st.SetReadDeadline(time.Time{})
+		return StreamHeader{}, fmt.Errorf("read stream header: %w", err)
+	}
+	if pre[0] == ControlStreamVersion && !in.sess.noControl {
+		_ = in.st.SetReadDeadline(time.Time{})
+		return StreamHeader{}, in.takeControl(pre)
+	}
+	h, err := ReadStreamHeader(io.MultiReader(bytes.NewReader(pre[:]), in.st))
 	_ = in.st.SetReadDeadline(time.Time{})
 	return h, err
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -64,6 +65,11 @@ func RefuseCode(err error) Code {
 type PSSession struct {
 	conn net.Conn
 	mux  *yamux.Session
+
+	// control is the session's control channel once OpenControl
+	// succeeded; Close and GoAway send a Bye on it (control.go).
+	ctlMu   sync.Mutex
+	control *ControlServer
 }
 
 // PSOption changes how NewPSSession runs a session.
@@ -71,6 +77,14 @@ type PSOption func(*psOptions)
 
 type psOptions struct {
 	onAgentStream func()
+	liveness      Liveness
+}
+
+// WithLiveness configures the watchdog that closes the session when the
+// agent has sent nothing for l.DeadAfter (liveness.go); without it the
+// defaults apply.
+func WithLiveness(l Liveness) PSOption {
+	return func(o *psOptions) { o.liveness = l }
 }
 
 // OnAgentStream makes f be called, once, when the session is closed
@@ -91,7 +105,9 @@ func NewPSSession(conn net.Conn, log *slog.Logger, window uint32, opts ...PSOpti
 	for _, opt := range opts {
 		opt(&o)
 	}
-	mux, err := yamux.Client(newCoalescingConn(conn), yamuxConfig(log, window))
+	mux, err := startSession(conn, o.liveness, log, func(c net.Conn) (*yamux.Session, error) {
+		return yamux.Client(c, yamuxConfig(log, window))
+	})
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
 	}
@@ -119,11 +135,19 @@ func (s *PSSession) refuseAgentStreams(log *slog.Logger, onViolation func()) {
 // Done is closed when the tunnel is gone.
 func (s *PSSession) Done() <-chan struct{} { return s.mux.CloseChan() }
 
-// Close tears the tunnel down.
-func (s *PSSession) Close() error { return s.mux.Close() }
+// Close tears the tunnel down, telling an agent with a control channel
+// first (Bye) that the tunnel is closed on purpose, not lost.
+func (s *PSSession) Close() error {
+	s.sendBye("tunnel closed by the ps")
+	return s.mux.Close()
+}
 
-// GoAway tells the agent no new streams will come.
-func (s *PSSession) GoAway() error { return s.mux.GoAway() }
+// GoAway tells the agent no new streams will come (and, through the
+// control channel, that the tunnel ends on purpose).
+func (s *PSSession) GoAway() error {
+	s.sendBye("the ps sends no new streams on this tunnel")
+	return s.mux.GoAway()
+}
 
 // NumStreams is the number of streams open on the tunnel.
 func (s *PSSession) NumStreams() int { return s.mux.NumStreams() }

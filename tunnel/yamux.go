@@ -12,12 +12,9 @@ import (
 
 // Session timing and sizing shared by both ends of a tunnel.
 const (
-	// KeepAliveInterval is how often each side pings the other. A ping
-	// unanswered within WriteTimeout kills the session, so a dead peer is
-	// noticed within about 7 s, not yamux's default 30 s + 10 s.
-	KeepAliveInterval = 2 * time.Second
 	// WriteTimeout bounds how long a frame may wait to be written, and how
-	// long a ping waits for its answer.
+	// long a ping waits for its answer. A silent peer is noticed much
+	// sooner by the liveness watchdog (liveness.go, DefaultDeadAfter).
 	WriteTimeout = 5 * time.Second
 	// DefaultStreamWindow is the largest receive window per stream. yamux's
 	// default 256 KiB caps one stream at 256 KiB per round trip; test/bench/
@@ -36,8 +33,11 @@ func yamuxConfig(log *slog.Logger, window uint32) *yamux.Config {
 	}
 	c := yamux.DefaultConfig()
 	c.AcceptBacklog = acceptBacklog
-	c.EnableKeepAlive = true
-	c.KeepAliveInterval = KeepAliveInterval
+	// No yamux keepalive: it pings every interval whatever the traffic and
+	// needs interval + write timeout to notice a dead peer. The liveness
+	// watchdog pings only a quiet connection and counts any byte read as
+	// life (liveness.go).
+	c.EnableKeepAlive = false
 	c.ConnectionWriteTimeout = WriteTimeout
 	c.MaxStreamWindowSize = window
 	// A slow agent must not tear down the whole session (yamux closes the

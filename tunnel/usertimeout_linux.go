@@ -1,0 +1,37 @@
+package tunnel
+
+import (
+	"fmt"
+	"net"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// setUserTimeout sets TCP_USER_TIMEOUT on c when it is a TCP socket:
+// transmitted data left unacknowledged for d makes the kernel abort the
+// connection, where it would otherwise retransmit for about 15 minutes.
+func setUserTimeout(c net.Conn, d time.Duration) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil // a pipe in tests, or anything else without a socket
+	}
+	if _, isTCP := c.(*net.TCPConn); !isTCP {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("tcp user timeout: %w", err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
+	}); err != nil {
+		return fmt.Errorf("tcp user timeout: %w", err)
+	}
+	if serr != nil {
+		return fmt.Errorf("tcp user timeout %v: %w", d, serr)
+	}
+	return nil
+}
