@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -51,11 +53,10 @@ func (s sample) end() time.Time   { return time.Unix(0, s.End) }
 // E2E_MAX_DURATION), printing one sample per request; "each" requests every
 // target once and prints ok=N failed=M.
 func clientMain(mode, arg string) int {
-	type target struct{ addr, want string }
-	var targets []target
+	var targets []struct{ addr, want string }
 	for _, t := range strings.Split(arg, ",") {
 		addr, want, _ := strings.Cut(t, "=")
-		targets = append(targets, target{addr, want})
+		targets = append(targets, struct{ addr, want string }{addr, want})
 	}
 	switch mode {
 	case "each":
@@ -103,8 +104,99 @@ func clientMain(mode, arg string) int {
 		}
 		fmt.Printf("%s: %d requests\n", loopDone, n)
 		return 0
+	case "hold":
+		return holdMain(targets)
 	}
 	return 2
+}
+
+// holdEvent is one line of the hold client: a connection that ended.
+type holdEvent struct {
+	Target string `json:"target"`
+	End    int64  `json:"end"` // unix ns
+	// Aborted: the socket was destroyed on this host (ECONNABORTED), which
+	// only the redirector's destroyer does; otherwise Detail says why it ended.
+	Aborted bool   `json:"aborted"`
+	Detail  string `json:"detail,omitempty"`
+}
+
+// holdReady is the hold client's line once every connection is held.
+const holdReady = "holding"
+
+// holdMain opens one connection to every target (an echo service), checks
+// that each carries a line there and back, then waits on all of them and
+// prints a holdEvent for each that ends, until SIGTERM.
+func holdMain(targets []struct{ addr, want string }) int {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	conns := make([]net.Conn, len(targets))
+	for i, t := range targets {
+		c, err := net.DialTimeout("tcp", t.addr, requestTimeout)
+		if err != nil {
+			fmt.Printf("dial %s: %v\n", t.addr, err)
+			return 1
+		}
+		_ = c.SetDeadline(time.Now().Add(requestTimeout))
+		line := t.addr + "\n"
+		if _, err := io.WriteString(c, line); err != nil {
+			fmt.Printf("write %s: %v\n", t.addr, err)
+			return 1
+		}
+		got, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil || got != line {
+			fmt.Printf("%s echoed %q, %v; want %q\n", t.addr, got, err, line)
+			return 1
+		}
+		_ = c.SetDeadline(time.Time{})
+		conns[i] = c
+	}
+	fmt.Printf("%s %d\n", holdReady, len(conns))
+	var mu sync.Mutex
+	for i, c := range conns {
+		go func() {
+			var b [1]byte
+			_, err := c.Read(b[:])
+			ev := holdEvent{Target: targets[i].addr, End: time.Now().UnixNano()}
+			if errors.Is(err, syscall.ECONNABORTED) {
+				ev.Aborted = true
+			} else if err != nil {
+				ev.Detail = err.Error()
+			} else {
+				ev.Detail = "unexpected data"
+			}
+			line, _ := json.Marshal(ev)
+			mu.Lock()
+			fmt.Println(string(line))
+			mu.Unlock()
+		}()
+	}
+	<-ctx.Done()
+	fmt.Println(loopDone)
+	return 0
+}
+
+// echoEnv, set to an address, makes the test binary an echo service there
+// that never closes a connection first: what the hold client's sockets
+// reach (the identity service closes idle connections after 5 s).
+const echoEnv = "TETHER_E2E_ECHO"
+
+func echoMain(addr string) int {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "echo:", err)
+		return 1
+	}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "echo:", err)
+			return 1
+		}
+		go func() {
+			defer c.Close()
+			_, _ = io.Copy(c, c)
+		}()
+	}
 }
 
 // ask makes one HTTP request to addr on a new connection, with a deadline

@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(clientEnv); mode != "" {
 		os.Exit(clientMain(mode, os.Args[len(os.Args)-1]))
 	}
+	if addr := os.Getenv(echoEnv); addr != "" {
+		os.Exit(echoMain(addr))
+	}
 	dir, err := os.MkdirTemp("", "tether-e2e")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -68,9 +71,7 @@ func newWorld(t *testing.T) *world {
 	w := &world{System: sys, cg: cg}
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, p := range n.Procs() {
-				t.Logf("---- log of %s ----\n%s", p.Name, tail(p.Log(), 4000))
-			}
+			dumpLogs(t, n)
 		}
 		_ = w.Uninstall()
 		if err := n.Close(); err != nil {
@@ -109,19 +110,11 @@ func (w *world) waitBackends(t *testing.T, target string, n int) {
 	}
 }
 
-// Bounds of the failure table in README.md, with a wide margin for a
-// loaded 2-core machine.
-const (
-	// A killed PS's backends stop being picked once its lease lapses
-	// (renewed every 500 ms, so at most a lease after the kill).
-	killWindow = netsim.Lease + 3*time.Second
-	// A killed PS costs the client short failures, never an outage: the
-	// other backend keeps answering.
-	killMaxOutage = 1500 * time.Millisecond
-	// A restarted agent republishes within its backoff (at most 1 s); a
-	// request started before that may take the whole request timeout.
-	agentWindow = time.Second + requestTimeout + 3*time.Second
-)
+// agentWindow bounds the failures of an agent killed with -9 and started
+// again: it republishes within its backoff (at most 1 s); a request started
+// before that may take the whole request timeout. Wide margin for a loaded
+// 2-core machine.
+const agentWindow = time.Second + requestTimeout + 3*time.Second
 
 // TestCompanyNetwork runs the scenarios on one shared topology, in order:
 // each leaves the system as the next expects it.
@@ -137,15 +130,65 @@ func TestCompanyNetwork(t *testing.T) {
 		{"bad input on the wire is refused and the others keep working", badInputIsRefused},
 		{"200 exposed endpoints across the agents are all reachable", manyEndpoints},
 		{"a PS drain (SIGTERM) fails no request", psDrain},
-		{"kill -9 of a PS costs seconds and misroutes nothing", psKill},
+		{"kill -9 of a PS costs milliseconds and misroutes nothing", psKill},
+		{"a PS that vanishes silently costs about a second; its 1,000 client sockets are destroyed", psSilentDeath},
 		{"a redirector restart fails nothing and the new process syncs new routes", redirectorRestart},
-		{"a Redis restart fails nothing and the PS nodes renew again", redisRestart},
+		{"a one-minute Redis outage fails nothing; the readers log it and its end", redisOutageScenario},
+		{"FLUSHALL of Redis fails nothing and the writers make the registry whole again", redisFlushall},
 		{"an agent restart fails only its own requests, briefly", agentRestart},
+		{"a rolling agent restart (new process, then SIGTERM to the old) fails nothing", agentRollingRestart},
 		{"the redirector exits 0 on SIGTERM and uninstall leaves no pins or attachments", uninstall},
 	} {
+		if !selected(s.name) {
+			t.Logf("skipping %q: not in $%s", s.name, scenariosEnv)
+			continue
+		}
 		if !t.Run(s.name, func(t *testing.T) { s.run(t, w) }) {
 			t.Fatalf("stopped after %q failed: the later scenarios share its topology", s.name)
 		}
+	}
+}
+
+// scenariosEnv, when set, runs only the scenarios whose name contains one
+// of its comma-separated parts (for working on one scenario; CI runs all).
+const scenariosEnv = "TETHER_E2E_SCENARIOS"
+
+func selected(name string) bool {
+	only := os.Getenv(scenariosEnv)
+	if only == "" {
+		return true
+	}
+	for _, part := range strings.Split(only, ",") {
+		if part != "" && strings.Contains(name, part) {
+			return true
+		}
+	}
+	return false
+}
+
+// dumpLogs, after a failure, asks every process still running to print
+// its goroutines (Go daemons do on SIGQUIT), then writes every process's
+// whole log under the system's temporary directory and the tail of each
+// into the test log.
+func dumpLogs(t *testing.T, n *netsim.Network) {
+	dir, err := os.MkdirTemp("", "tether-e2e-logs-")
+	if err != nil {
+		t.Log(err)
+	}
+	for _, p := range n.Procs() {
+		if !p.Exited() && (strings.HasPrefix(p.Name, "agent") || p.Name == "ps1" || p.Name == "ps2") {
+			_ = p.Signal(syscall.SIGQUIT)
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	for i, p := range n.Procs() {
+		t.Logf("---- log of %s ----\n%s", p.Name, tail(p.Log(), 4000))
+		if dir != "" {
+			_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%02d-%s.log", i, p.Name)), []byte(p.Log()), 0o644)
+		}
+	}
+	if dir != "" {
+		t.Logf("every process's whole log is in %s", dir)
 	}
 }
 
@@ -324,33 +367,6 @@ func psDrain(t *testing.T, w *world) {
 	}
 }
 
-func psKill(t *testing.T, w *world) {
-	loop := w.startLoop(t)
-	at := time.Now()
-	w.Procs["ps2"].Stop() // SIGKILL
-	loop.waitOK(t, at.Add(killWindow), "after the kill")
-	run := loop.stop(t)
-	failed := run.with(resultFailed)
-	var last time.Duration
-	if len(failed) > 0 {
-		last = failed[len(failed)-1].end().Sub(at)
-	}
-	t.Logf("FIGURE ps_kill_last_failure_after_kill=%v longest_outage=%v failed=%d ok=%d",
-		last.Round(time.Millisecond), run.longestOutage().Round(time.Millisecond), len(failed), len(run.with(resultOK)))
-	disturbance{what: "kill -9 of ps2", at: at, window: killWindow, maxOutage: killMaxOutage}.check(t, run, loop.targets)
-	for host := range agents {
-		if out, err := w.Curl(true, "http://"+w.Target(host)+"/"); err != nil || out != host {
-			t.Fatalf("%s not reachable through the surviving PS: %v %q", host, err, out)
-		}
-	}
-	restarted := time.Now()
-	must(t)(w.StartPS("ps2"))
-	for host := range agents {
-		w.waitBackends(t, w.Target(host), 2)
-	}
-	t.Logf("FIGURE ps_restart_to_two_backends_everywhere=%v", time.Since(restarted).Round(100*time.Millisecond))
-}
-
 // redirectorRestart kills the redirector under load and starts a new one:
 // the pinned links keep redirecting without any process, so zero failures
 // alone would not show that the new process works; a route published after
@@ -382,30 +398,6 @@ func redirectorRestart(t *testing.T, w *world) {
 	disturbance{what: "a redirector restart", at: at}.check(t, run, loop.targets)
 	if red.Exited() {
 		t.Fatalf("the new redirector exited: %v\n%s", red.Wait(time.Second), tail(red.Log(), 2000))
-	}
-}
-
-func redisRestart(t *testing.T, w *world) {
-	loop := w.startLoop(t)
-	at := time.Now()
-	redis := w.Procs["redis"]
-	_ = redis.Signal(syscall.SIGTERM)
-	if err := redis.Wait(10 * time.Second); err != nil {
-		t.Fatalf("redis did not stop on SIGTERM: %v", err)
-	}
-	if err := w.StartRedis(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	back := time.Now()
-	t.Logf("FIGURE redis_downtime=%v", back.Sub(at).Round(time.Millisecond))
-	// Every lease renewed before the stop has lapsed by then: the routes
-	// keep working only if the PS nodes renew against the new Redis.
-	loop.waitOK(t, back.Add(netsim.Lease+time.Second), "a lease after Redis came back")
-	run := loop.stop(t)
-	t.Logf("FIGURE redis_restart_failed_requests=%d ok=%d", len(run.with(resultFailed)), len(run.with(resultOK)))
-	disturbance{what: "a Redis restart", at: at}.check(t, run, loop.targets)
-	for host := range agents {
-		w.waitBackends(t, w.Target(host), 2)
 	}
 }
 

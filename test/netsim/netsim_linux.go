@@ -501,3 +501,36 @@ func (n *Network) WaitTCP(ctx context.Context, host, addr string, timeout time.D
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// blackholeTable is the core router's nftables table that silences hosts.
+const blackholeTable = "tether_netsim_blackhole"
+
+// Blackhole makes host vanish without a trace, the way a host that loses
+// power or its link does: the core router drops every packet from or to
+// its address, so no RST or FIN ever reaches its peers. The table lives in
+// the core namespace (deleted with it by Close); the returned function
+// removes it, bringing host back.
+func (n *Network) Blackhole(host string) (restore func() error, err error) {
+	ip := n.Hosts[host].IP
+	// Priority -10 runs before the forward filter's "ct state established
+	// accept", so established flows are cut too.
+	rules := fmt.Sprintf(`table ip %[1]s {
+	chain forward {
+		type filter hook forward priority -10; policy accept;
+		ip saddr %[2]s drop
+		ip daddr %[2]s drop
+	}
+}
+`, blackholeTable, ip)
+	cmd := n.Command("core", "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("blackhole %s at the core router: %w: %s", host, err, out)
+	}
+	return func() error {
+		if out, err := n.Run("core", "nft", "delete", "table", "ip", blackholeTable); err != nil {
+			return fmt.Errorf("remove the blackhole of %s: %w: %s", host, err, out)
+		}
+		return nil
+	}, nil
+}

@@ -113,10 +113,16 @@ func (s *System) StartRedis(ctx context.Context) error {
 func (s *System) StartPS(name string) (*Proc, error) {
 	ip := s.N.Hosts[name].IP.String()
 	return s.start(name, name, StartOpts{}, s.Tether, "ps", "--id", name, "--listen", ip+":7000", "--advertise", ip,
-		"--ports", "20000-20999", "--redis", RedisURL, "--token-file", s.TokenFile(),
+		"--ports", fmt.Sprintf("%d-%d", PortsFirst, PortsLast), "--redis", RedisURL, "--token-file", s.TokenFile(),
 		"--allow-clients", "198.18.3.0/24", "--lease", Lease.String(), "--renew", "500ms", "--drain-timeout", "5s",
 		"--metrics", ip+":"+fmt.Sprint(PSMetricsPort))
 }
+
+// PortsFirst and PortsLast bound each PS node's data ports (--ports).
+const (
+	PortsFirst = 20000
+	PortsLast  = 24999
+)
 
 // PSMetricsPort is where each PS node serves /metrics, on its own IP.
 const PSMetricsPort = 9101
