@@ -4,17 +4,37 @@ export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := bin/tether
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# The commit is passed explicitly: builds with -buildvcs=false (GOFLAGS here)
+# or without .git embed no VCS data for `tether version` to read.
+COMMIT ?= $(shell c=$$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null || c=$$c-dirty; echo $$c; })
+BUILDINFO := github.com/tether-net/tether/internal/buildinfo
+LDFLAGS ?= -X $(BUILDINFO).Version=$(VERSION) -X $(BUILDINFO).Commit=$(COMMIT)
 # Privileged tests fail instead of skipping when this is 1 (CI sets it).
 TETHER_TEST_PRIVILEGED ?= $(if $(filter 0,$(shell id -u)),1,0)
 export TETHER_TEST_PRIVILEGED
 
-.PHONY: help build test test-unit bench bench-smoke fuzz-smoke demo generate check-generated lint setup clean
+.PHONY: help build test test-unit bench bench-smoke fuzz-smoke demo generate check-generated lint setup image clean
 
 help: ## list targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 build: ## build bin/tether
-	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/tether
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/tether
+
+# The container image (deploy/container): the binary built static, then an
+# image FROM scratch, so nothing is pulled. PODMAN may carry global flags.
+IMAGE ?= ghcr.io/tether-net/tether:$(VERSION)
+IMAGE_DIR ?= bin/image
+PODMAN ?= podman
+
+image: ## the container image tether:VERSION (a static binary FROM scratch; needs podman)
+	mkdir -p $(IMAGE_DIR)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $(IMAGE_DIR)/tether ./cmd/tether
+	$(PODMAN) build --layers=false -f deploy/container/Containerfile \
+		--build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$(or $(COMMIT),unknown) \
+		--build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+		-t $(IMAGE) $(IMAGE_DIR)
 
 setup: ## install what a fresh machine lacks (as root)
 	bash scripts/setup.sh

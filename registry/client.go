@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,7 +18,8 @@ import (
 
 // Config configures a Registry.
 type Config struct {
-	// URL is a redis:// or rediss:// URL of a single server. For Sentinel or
+	// URL is the address of a single server in a form ParseRedisAddress
+	// accepts: host:port, redis://, rediss:// or unix://. For Sentinel or
 	// Cluster, use Addrs (and MasterName for Sentinel) instead.
 	URL string
 	// Addrs, when set, selects go-redis's universal client: several addresses
@@ -104,9 +106,9 @@ func newClient(cfg Config) (redis.UniversalClient, error) {
 	case cfg.URL != "" && len(cfg.Addrs) > 0:
 		return nil, errors.New("registry: set either a Redis URL or addresses, not both")
 	case cfg.URL != "":
-		opt, err := redis.ParseURL(cfg.URL)
+		opt, err := ParseRedisAddress(cfg.URL)
 		if err != nil {
-			return nil, fmt.Errorf("redis url %q: %w", cfg.URL, err)
+			return nil, err
 		}
 		if cfg.Password != "" {
 			opt.Password = cfg.Password
@@ -129,6 +131,64 @@ func newClient(cfg Config) (redis.UniversalClient, error) {
 	default:
 		return nil, errors.New("registry: no Redis URL or addresses given")
 	}
+}
+
+// RedisAddressForms is the one-line list of the forms ParseRedisAddress
+// accepts, for error messages and flag help.
+const RedisAddressForms = "host:port, redis://[user:password@]host:port[/db], rediss://... (TLS) or unix:///path/to/redis.sock[?db=N]"
+
+// ParseRedisAddress parses the address of one Redis server: a bare
+// host:port (database 0, no TLS), or a redis://, rediss:// or unix:// URL.
+// Its errors say which forms it accepts, and never repeat a password the
+// address holds.
+func ParseRedisAddress(addr string) (*redis.Options, error) {
+	shown := redactRedisAddress(addr)
+	if strings.TrimSpace(addr) == "" {
+		return nil, fmt.Errorf("redis address is empty: want %s", RedisAddressForms)
+	}
+	if !strings.Contains(addr, "://") {
+		// host:port, the form redis-cli -h/-p users think in. ":6379"
+		// means localhost, as in redis://:6379.
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, fmt.Errorf("redis address %q: want %s", shown, RedisAddressForms)
+		}
+		if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+			return nil, fmt.Errorf("redis address %q: port %q is not a number from 1 to 65535", shown, port)
+		}
+		addr = "redis://" + net.JoinHostPort(host, port)
+	}
+	scheme, _, _ := strings.Cut(addr, "://")
+	switch scheme {
+	case "redis", "rediss", "unix":
+	default:
+		return nil, fmt.Errorf("redis address %q: scheme %q is not redis, rediss or unix: want %s", shown, scheme, RedisAddressForms)
+	}
+	opt, err := redis.ParseURL(addr)
+	if err != nil {
+		return nil, fmt.Errorf("redis address %q: %s: want %s", shown, strings.TrimPrefix(err.Error(), "redis: "), RedisAddressForms)
+	}
+	return opt, nil
+}
+
+// redactRedisAddress hides the user information of a URL-form address, so
+// that an error message never carries a password.
+func redactRedisAddress(addr string) string {
+	scheme, rest, ok := strings.Cut(addr, "://")
+	if !ok {
+		return addr
+	}
+	// The user information ends at the last '@' before the path.
+	authority, path, _ := strings.Cut(rest, "/")
+	at := strings.LastIndex(authority, "@")
+	if at < 0 {
+		return addr
+	}
+	redacted := scheme + "://xxxxx@" + authority[at+1:]
+	if len(rest) > len(authority) {
+		redacted += "/" + path
+	}
+	return redacted
 }
 
 // dialer is go-redis's default dialer (timeout, keep-alive, TLS when

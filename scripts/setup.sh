@@ -16,6 +16,15 @@ have nft          || need+=(nftables)
 have curl         || need+=(curl)
 have python3      || need+=(python3)
 have nsenter      || need+=(util-linux)
+# test/container builds the image (deploy/container) and runs it: podman
+# builds FROM scratch offline; runc runs it where crun cannot (hybrid cgroups).
+have podman       || need+=(podman)
+have runc         || need+=(runc)
+have make         || need+=(make)
+# deploy/systemd is checked with systemd-analyze verify; the redirector's
+# least capabilities are proven by running it under setpriv.
+have systemd-analyze || need+=(systemd)
+have setpriv      || need+=(util-linux)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

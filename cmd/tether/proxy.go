@@ -35,7 +35,9 @@ Secure by default:
     that range). A name is resolved once; every address it has must pass,
     and the address checked is the one dialed. Refusals are counted in
     tether_proxy_passthrough_refused_total{reason}.
-Routed targets are unaffected: they always go to their PS backends.`,
+Routed targets are unaffected: they always go to their PS backends.
+
+--redis takes host:port or a redis://, rediss:// (TLS) or unix:// URL.`,
 		Example: `  tether proxy --redis redis://10.0.0.5:6379/0 --socks 127.0.0.1:1080 --http 127.0.0.1:3128
   curl --socks5 127.0.0.1:1080 http://198.18.1.11:8080/
 

@@ -33,7 +33,10 @@ accepts anyone, for experiments only):
                 its CN is the agent id, its IP SANs what it may expose
 An agent whose credential lists no addresses may expose only the address its
 tunnel comes from. Loopback, link-local and other special addresses need a
-range in --agent-cidrs that names them; PS and registry addresses never pass.`,
+range in --agent-cidrs that names them; PS and registry addresses never pass.
+
+--redis takes host:port or a redis://, rediss:// (TLS) or unix:// URL;
+--redis-prefix must be the one the redirectors and proxies read.`,
 		Example: `  tether ps --id ps1 --listen :7000 --advertise 10.0.0.21 --redis redis://10.0.0.5:6379/0 \
     --token-file /etc/tether/tokens
   # /etc/tether/tokens:

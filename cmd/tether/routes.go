@@ -17,7 +17,7 @@ import (
 
 // routesConfig is what the routes commands read: where the registry is.
 type routesConfig struct {
-	Redis  string `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry (redis://host:port/db)"`
+	Redis  string `yaml:"redis" flag:"redis" usage:"Redis address of the route registry: host:port, or a redis://host:port/db, rediss:// or unix:// URL"`
 	Prefix string `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	Output string `yaml:"-"`
 }

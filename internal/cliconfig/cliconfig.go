@@ -14,13 +14,16 @@
 // cobra has parsed the command line, Resolve layers the file and the
 // environment underneath the flags the user actually set. The environment
 // variable for flag "tls-cert" is TETHER_TLS_CERT.
+//
+// One file may carry the settings of several commands (a host that runs a
+// PS and a redirector can share "redis" and "redis-prefix"): Bind remembers
+// the file keys of every config it binds, and a command ignores the keys it
+// lacks that another command has. Keys mean the same to every command that
+// has them.
 package cliconfig
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"reflect"
 	"strconv"
@@ -28,7 +31,6 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
-	"go.yaml.in/yaml/v3"
 )
 
 // EnvPrefix prefixes every environment variable that mirrors a flag.
@@ -39,12 +41,14 @@ var durationType = reflect.TypeOf(time.Duration(0))
 // Bind registers one flag on fs for every field of *cfg that carries a `flag`
 // tag. The flag writes straight into the field; its default is the field's
 // value at the time of the call, so call Bind on a DefaultConfig().
-// It panics on an unsupported field type: that is a programming error.
+// Bind also remembers the struct's file keys as keys of this program (see
+// Resolve). It panics on an unsupported field type: that is a programming error.
 func Bind(fs *pflag.FlagSet, cfg any) {
 	v := reflect.ValueOf(cfg)
 	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
 		panic("cliconfig.Bind: cfg must be a pointer to a struct")
 	}
+	rememberKeys(v.Elem().Type())
 	eachFlagField(v.Elem(), func(name, usage string, f reflect.Value) {
 		p := f.Addr().Interface()
 		switch ptr := p.(type) {
@@ -73,7 +77,10 @@ func Bind(fs *pflag.FlagSet, cfg any) {
 // path is not empty), then TETHER_* environment variables, then the flags
 // the user set on the command line.
 //
-// Unknown YAML fields are errors that name the file and the field.
+// A file key that belongs to another command bound in this process is
+// ignored, so one file may serve several commands; a key no command has is
+// an error naming the file, the line and the nearest known key (see
+// FileError).
 func Resolve(fs *pflag.FlagSet, path string, cfg any) error {
 	v := reflect.ValueOf(cfg).Elem()
 	fromFlags := reflect.New(v.Type()).Elem()
@@ -101,7 +108,7 @@ func Resolve(fs *pflag.FlagSet, path string, cfg any) error {
 			return
 		}
 		if err := setFromString(f, raw); err != nil {
-			envErr = fmt.Errorf("environment %s: %w", key, err)
+			envErr = fmt.Errorf("environment variable %s: %w", key, err)
 		}
 	})
 	if envErr != nil {
@@ -112,23 +119,6 @@ func Resolve(fs *pflag.FlagSet, path string, cfg any) error {
 			fieldByFlag(v, name).Set(f)
 		}
 	})
-	return nil
-}
-
-// decodeFile strictly decodes the YAML file at path into cfg.
-func decodeFile(path string, cfg any) error {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Errorf("read config: %w", err)
-	}
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(cfg); err != nil {
-		if errors.Is(err, io.EOF) {
-			return nil // an empty file is a valid, empty config
-		}
-		return fmt.Errorf("config file %s: %w", path, err)
-	}
 	return nil
 }
 
@@ -154,12 +144,15 @@ func fieldByFlag(v reflect.Value, name string) reflect.Value {
 	return out
 }
 
+// setFromString parses raw, a flag-style value from the environment or a
+// config file, into f. Its errors say what was expected in the reader's
+// terms (a duration, a whole number), never a Go type.
 func setFromString(f reflect.Value, raw string) error {
 	switch {
 	case f.Type() == durationType:
 		d, err := time.ParseDuration(raw)
 		if err != nil {
-			return err
+			return fmt.Errorf("%q is not a duration (want e.g. 500ms, 5s or 1m30s)", raw)
 		}
 		f.SetInt(int64(d))
 	case f.Kind() == reflect.String:
@@ -167,26 +160,25 @@ func setFromString(f reflect.Value, raw string) error {
 	case f.Kind() == reflect.Bool:
 		b, err := strconv.ParseBool(raw)
 		if err != nil {
-			return err
+			return fmt.Errorf("%q is not true or false", raw)
 		}
 		f.SetBool(b)
-	case f.Kind() == reflect.Int, f.Kind() == reflect.Uint16:
-		n, err := strconv.ParseInt(raw, 10, 64)
+	case f.CanInt():
+		n, err := strconv.ParseInt(raw, 10, f.Type().Bits())
 		if err != nil {
-			return err
+			return fmt.Errorf("%q is not a whole number", raw)
 		}
-		if f.Kind() == reflect.Uint16 {
-			if n < 0 || n > 65535 {
-				return fmt.Errorf("%d is out of range 0-65535", n)
-			}
-			f.SetUint(uint64(n))
-		} else {
-			f.SetInt(n)
-		}
-	case f.Kind() == reflect.Float64:
-		x, err := strconv.ParseFloat(raw, 64)
+		f.SetInt(n)
+	case f.CanUint():
+		n, err := strconv.ParseUint(raw, 10, f.Type().Bits())
 		if err != nil {
-			return err
+			return fmt.Errorf("%q is not a whole number from 0 to %d", raw, uint64(1)<<f.Type().Bits()-1)
+		}
+		f.SetUint(n)
+	case f.CanFloat():
+		x, err := strconv.ParseFloat(raw, f.Type().Bits())
+		if err != nil {
+			return fmt.Errorf("%q is not a number", raw)
 		}
 		f.SetFloat(x)
 	case f.Kind() == reflect.Slice && f.Type().Elem().Kind() == reflect.String:
@@ -198,7 +190,7 @@ func setFromString(f reflect.Value, raw string) error {
 		}
 		f.Set(reflect.ValueOf(parts))
 	default:
-		return fmt.Errorf("unsupported type %s", f.Type())
+		return fmt.Errorf("cannot be set from text (a setting of type %s)", f.Type())
 	}
 	return nil
 }
