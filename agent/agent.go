@@ -57,6 +57,8 @@ type Agent struct {
 	onlyOne  bool
 	ready    chan struct{}
 	readyMu  sync.Once
+
+	dialFails *dialFailures
 }
 
 // New builds an agent from cfg.
@@ -100,6 +102,7 @@ func New(cfg Config) (*Agent, error) {
 		held:      map[int]string{},
 		sessions:  map[int]*tunnel.AgentSession{},
 		ready:     make(chan struct{}),
+		dialFails: newDialFailures(dialFailureEvery, time.Now),
 	}
 	for _, s := range cfg.Expose {
 		e, _ := ParseExpose(s)
@@ -133,6 +136,39 @@ func (a *Agent) Endpoints() []netip.AddrPort { return a.endpoints }
 // Ready is closed once the first tunnel is up.
 func (a *Agent) Ready() <-chan struct{} { return a.ready }
 
+// Readiness is nil once the agent does its job: at least one tunnel is
+// up, and every endpoint it exposes was accepted by at least one PS it
+// holds a tunnel on. One tunnel is enough: with fewer PS nodes than
+// --tunnels the agent still serves every endpoint, without the spare
+// (tether_agent_tunnels shows that). Otherwise it says what is missing.
+func (a *Agent) Readiness() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.sessions) == 0 {
+		return fmt.Errorf("no tunnel up yet (want %d, on distinct PS nodes)", a.cfg.Tunnels)
+	}
+	var errs []error
+	for i, target := range a.endpoints {
+		accepted := false
+		var refusals []string
+		for _, s := range a.sessions {
+			if i >= len(s.Welcome.Endpoints) {
+				continue
+			}
+			r := s.Welcome.Endpoints[i]
+			if r.Code == tunnel.CodeOK {
+				accepted = true
+				break
+			}
+			refusals = append(refusals, fmt.Sprintf("%s: %s", s.Welcome.PSID, r.Code))
+		}
+		if !accepted {
+			errs = append(errs, fmt.Errorf("endpoint %s accepted by no PS (refused by %v)", target, refusals))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // HeldPS returns the ids of the PS nodes the agent holds tunnels on.
 func (a *Agent) HeldPS() []string {
 	a.mu.Lock()
@@ -164,6 +200,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		})
 	}
+	// Say at once that a stop began: the drain that follows may take up
+	// to --drain-timeout, and a silent agent looks hung meanwhile.
+	stopping := context.AfterFunc(ctx, func() {
+		a.log.Info("agent stopping: draining its tunnels (a second SIGTERM or SIGINT ends it at once)", "drain_timeout", a.cfg.DrainTimeout)
+	})
+	defer stopping()
 	return g.Wait()
 }
 
@@ -507,11 +549,13 @@ func (a *Agent) handleStream(in *tunnel.Incoming, log *slog.Logger) {
 	// next to it), and the three setsockopt calls are a measurable share
 	// of a short connection's cost.
 	d := net.Dialer{Timeout: a.cfg.DialTimeout, KeepAlive: -1}
+	dialStart := time.Now()
 	conn, err := d.Dial("tcp", dialAddr)
+	a.m.dialSeconds.Observe(time.Since(dialStart).Seconds())
 	if err != nil {
 		code := dialCode(err)
 		a.m.streamErrors.WithLabelValues(code.String()).Inc()
-		log.Debug("dial local target failed", "target", h.Target.String(), "dial", dialAddr, "code", code.String(), "err", err)
+		a.dialFails.failed(log, h.Target, dialAddr, code.String(), err)
 		_ = in.Reject(code, fmt.Sprintf("dial %s: %v", dialAddr, err))
 		return
 	}

@@ -23,7 +23,14 @@ type metrics struct {
 	// lostReports counts lost-tunnel reports sent through surviving
 	// tunnels, by result (agent/report.go).
 	lostReports *prometheus.CounterVec
+	// dialSeconds is how long dials of local targets took, failed ones
+	// included (a refused dial is fast, a timed-out one takes
+	// --dial-timeout): the local leg of every stream's setup.
+	dialSeconds prometheus.Histogram
 }
+
+// dialBuckets span a local service on loopback (~50 µs) to --dial-timeout.
+var dialBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	bytes := prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -50,6 +57,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			[]string{"result"}),
 		bytesIn:  bytes.WithLabelValues("to_target"),
 		bytesOut: bytes.WithLabelValues("from_target"),
+		dialSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "tether_agent_stream_dial_duration_seconds",
+			Help:    "Time the agent took to dial a local target for a stream, failed dials included.",
+			Buckets: dialBuckets}),
 	}
 	// Every known reason is exported from the start, at zero.
 	for _, c := range tunnel.StreamRefusalCodes() {
@@ -58,7 +69,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range reportResults {
 		m.lostReports.WithLabelValues(r)
 	}
-	for _, c := range []prometheus.Collector{m.tunnels, m.reconnects, m.placementRefusals, m.silent, m.streams, m.streamsOpen, m.streamErrors, m.lostReports, bytes} {
+	for _, c := range []prometheus.Collector{m.tunnels, m.reconnects, m.placementRefusals, m.silent, m.streams, m.streamsOpen, m.streamErrors, m.lostReports, bytes, m.dialSeconds} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

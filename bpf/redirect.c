@@ -22,7 +22,7 @@ struct {
 	__uint(max_entries, 1000000); /* set on the MapSpec before load */
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct route_key);
-	__type(value, struct route_value);
+	__type(value, struct route_entry); /* struct route_value's bytes, see tether.h */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tether_routes SEC(".maps");
 

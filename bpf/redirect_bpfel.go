@@ -21,7 +21,7 @@ type RedirectBackend struct {
 	Pad   uint8
 }
 
-type RedirectBackendState uint32
+type RedirectBackendState uint8
 
 const (
 	RedirectBackendStateBACKEND_UNUSED   RedirectBackendState = 0
@@ -49,6 +49,17 @@ type RedirectOrigDst struct {
 	BackendAddr uint32
 	BackendPort uint16
 	Pad2        uint16
+}
+
+type RedirectRouteEntry struct {
+	_        structs.HostLayout
+	Backends [4]struct {
+		_     structs.HostLayout
+		Addr  uint32
+		Port  uint16
+		State RedirectBackendState
+		Pad   uint8
+	}
 }
 
 type RedirectRouteKey struct {

@@ -20,12 +20,14 @@
 /* Up to this many backends per route (one per PS holding the agent). */
 #define MAX_BACKENDS 4
 
+/* One byte (packed), so that it can type the state byte of the route map's
+ * value in BTF: `bpftool map dump` then prints "state": "BACKEND_LIVE". */
 enum backend_state {
 	BACKEND_UNUSED = 0,
 	BACKEND_LIVE = 1,
 	BACKEND_DRAINING = 2,
 	BACKEND_DEAD = 3,
-};
+} __attribute__((packed));
 
 enum counter {
 	COUNTER_REDIRECTED = 0,   /* connects rewritten to a backend */
@@ -53,6 +55,29 @@ struct backend {
 struct route_value {
 	struct backend backends[MAX_BACKENDS];
 };
+
+/*
+ * The route map's value as its BTF describes it to bpftool: the bytes of
+ * struct route_value, with the state typed as enum backend_state so that a
+ * dump prints the state's name. The programs read it as struct route_value,
+ * whose plain __u8 keeps the generated Go type (RedirectBackend.State
+ * uint8) as it was. The layout is the same, so the maps of older versions,
+ * whose BTF says __u8, are reused as they are by an in-place upgrade (only
+ * their dumps keep printing numbers until an uninstall and a fresh install).
+ */
+struct route_entry_backend {
+	__be32 addr;
+	__be16 port;
+	enum backend_state state;
+	__u8 pad;
+};
+
+struct route_entry {
+	struct route_entry_backend backends[MAX_BACKENDS];
+};
+
+_Static_assert(sizeof(struct route_entry) == sizeof(struct route_value), "route_entry must keep route_value's layout");
+_Static_assert(sizeof(enum backend_state) == 1, "backend_state must be one byte");
 
 struct orig_dst {
 	__be32 addr;   /* the target the application dialed */
@@ -82,6 +107,9 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, COUNTER_MAX);
+	/* __u32, not enum counter: the kernel refuses BTF for an array map
+	 * whose key is not an integer (array_map_check_btf), and the map
+	 * would then be made without BTF at all. */
 	__type(key, __u32);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

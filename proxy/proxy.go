@@ -223,6 +223,27 @@ func (p *Proxy) Run(ctx context.Context) error {
 	return eg.Wait()
 }
 
+// Readiness is nil once the proxy does its job: its listeners are open
+// and its mirror of the registry holds a first full load (before it, every
+// routed target would be refused as having no route). Otherwise it says
+// what is missing.
+func (p *Proxy) Readiness() error {
+	var errs []error
+	select {
+	case <-p.ready:
+	default:
+		errs = append(errs, errors.New("listeners not open yet"))
+	}
+	if p.mirror != nil {
+		select {
+		case <-p.mirror.Ready():
+		default:
+			errs = append(errs, errors.New("route mirror not loaded yet: no full load of the registry has succeeded"))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Close releases the registry connection.
 func (p *Proxy) Close() error {
 	if p.reg != nil {

@@ -22,6 +22,7 @@ import (
 // handshake slot of the gate and of the source's limit; both are given
 // back as soon as the handshake ends.
 func (p *PS) serveTunnel(ctx context.Context, raw net.Conn, source netip.Addr) {
+	accepted := time.Now()
 	gateHeld := true
 	releaseGate := func() {
 		if gateHeld {
@@ -49,6 +50,7 @@ func (p *PS) serveTunnel(ctx context.Context, raw net.Conn, source netip.Addr) {
 		return
 	}
 	releaseGate()
+	p.m.handshakeSeconds.Observe(time.Since(accepted).Seconds())
 	<-s.tun.Done()
 	p.endSession(ctx, s)
 }

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/tether-net/tether/internal/cidr"
 	"github.com/tether-net/tether/internal/ident"
@@ -62,10 +63,70 @@ func globMatch(pat, id string) bool {
 // single token of the env), client certificates when the PS requires them,
 // or nothing at all with --insecure.
 type authorizer struct {
+	// mu guards rules, which a SIGHUP replaces (reload) while handshakes
+	// read them.
+	mu         sync.RWMutex
 	rules      []tokenRule
 	certs      bool // the TLS listener requires client certificates
 	insecure   bool
 	nameSource string // where the tokens came from, for errors
+}
+
+// currentRules returns the token rules in force.
+func (a *authorizer) currentRules() []tokenRule {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.rules
+}
+
+// reload re-reads the token file and puts its rules in force, returning
+// what changed. Only a token file can be reloaded: tokens from the env
+// cannot change under a running process, and a PS that started without
+// tokens (client certificates only, or --insecure) keeps its mode, since
+// turning token checks on or off is a change of security model that a
+// restart should make.
+func (a *authorizer) reload(file string) (string, error) {
+	if file == "" {
+		return "nothing: the tokens do not come from --token-file", nil
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		return "", fmt.Errorf("reload --token-file: %w", err)
+	}
+	defer f.Close()
+	rules, err := parseTokens(bufio.NewScanner(f), file)
+	if err != nil {
+		return "", fmt.Errorf("reload --token-file: %w", err)
+	}
+	a.mu.Lock()
+	old := a.rules
+	a.rules = rules
+	a.mu.Unlock()
+	added, removed := diffTokens(old, rules)
+	return fmt.Sprintf("token file %s: %d tokens (%d added, %d removed; tunnels already up keep running)", file, len(rules), added, removed), nil
+}
+
+// diffTokens counts the tokens of next that old lacks, and the reverse. A
+// token whose line changed (ids, CIDRs) counts as neither: it is the same
+// credential with new rights.
+func diffTokens(old, next []tokenRule) (added, removed int) {
+	have := make(map[string]bool, len(old))
+	for _, r := range old {
+		have[r.key] = true
+	}
+	now := make(map[string]bool, len(next))
+	for _, r := range next {
+		now[r.key] = true
+		if !have[r.key] {
+			added++
+		}
+	}
+	for k := range have {
+		if !now[k] {
+			removed++
+		}
+	}
+	return added, removed
 }
 
 // credential is what one agent authenticated with.
@@ -236,8 +297,8 @@ func (a *authorizer) authenticate(conn any, id, token string, source netip.Addr)
 		cred.certAddrs = addrs
 		keys = append(keys, "cert:"+certID)
 	}
-	if len(a.rules) > 0 {
-		rule := a.match(token)
+	if rules := a.currentRules(); len(rules) > 0 {
+		rule := match(rules, token)
 		if rule == nil {
 			return nil, unauthorized("token not accepted")
 		}
@@ -263,13 +324,13 @@ func unauthorized(reason string) error {
 // match returns the rule whose token equals token. Every rule is compared
 // in constant time, and all of them are, so the time taken says nothing
 // about which rule (or how much of a token) matched.
-func (a *authorizer) match(token string) *tokenRule {
-	var match *tokenRule
+func match(rules []tokenRule, token string) *tokenRule {
+	var found *tokenRule
 	t := []byte(token)
-	for i := range a.rules {
-		if subtle.ConstantTimeCompare(a.rules[i].token, t) == 1 && match == nil {
-			match = &a.rules[i]
+	for i := range rules {
+		if subtle.ConstantTimeCompare(rules[i].token, t) == 1 && found == nil {
+			found = &rules[i]
 		}
 	}
-	return match
+	return found
 }

@@ -29,6 +29,7 @@ type Config struct {
 	Advertise    string   `yaml:"advertise" flag:"advertise" usage:"IP clients reach this PS at; data ports listen on it"`
 	Ports        string   `yaml:"ports" flag:"ports" usage:"range of data ports, LO-HI"`
 	Redis        string   `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
+	RedisPrefix  string   `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	TokenFile    string   `yaml:"token-file" flag:"token-file" usage:"file of agent credentials, one 'TOKEN AGENT_IDS [CIDRS]' per line (see the README)"`
 	Insecure     bool     `yaml:"insecure" flag:"insecure" usage:"accept agents without any credential (no token file, no client CA); for experiments only"`
 	AllowClients []string `yaml:"allow-clients" flag:"allow-clients" usage:"CIDRs allowed to connect to data ports (empty = any)"`
@@ -71,6 +72,7 @@ func DefaultConfig() Config {
 		Listen:           ":7000",
 		Ports:            "20000-29999",
 		Redis:            "redis://127.0.0.1:6379/0",
+		RedisPrefix:      "tether",
 		Lease:            5 * time.Second,
 		Renew:            time.Second,
 		Quarantine:       120 * time.Second,
@@ -193,6 +195,12 @@ type PS struct {
 	// once another instance has taken the id over.
 	nonce     string
 	leaseLost atomic.Bool
+
+	// renewedAt is when the lease was last written (claim or renewal),
+	// renewTriedAt when a renewal last finished either way: unix nanos,
+	// zero before the first. /readyz reads the first, /healthz the second.
+	renewedAt    atomic.Int64
+	renewTriedAt atomic.Int64
 }
 
 // New builds a PS from cfg. It does not listen yet: Run does.
@@ -245,7 +253,7 @@ func New(cfg Config) (*PS, error) {
 	p.plane = newListenerPlane(p.advertise, p.handleConn, log, cfg.Intent != IntentOff)
 	p.reg = cfg.Registry
 	if p.reg == nil {
-		p.reg, err = registry.New(registry.Config{URL: cfg.Redis, Logger: log})
+		p.reg, err = registry.New(registry.Config{URL: cfg.Redis, Prefix: cfg.RedisPrefix, Logger: log})
 		if err != nil {
 			return nil, err
 		}
@@ -325,6 +333,7 @@ func (p *PS) start(ctx context.Context) error {
 	if err := p.claim(ctx); err != nil {
 		return err
 	}
+	p.renewedAt.Store(time.Now().UnixNano())
 	until := time.Now().Add(p.cfg.Quarantine)
 	ports, err := p.reg.WithdrawAll(ctx, p.cfg.ID, until)
 	if err != nil {
@@ -449,5 +458,65 @@ func (p *PS) renew(ctx context.Context, state registry.PSState) error {
 	// own clock, so a skewed clock here neither shortens nor stretches it.
 	// The nonce guards the renewal: if another instance claimed the id,
 	// nothing is written and the error wraps registry.ErrLeaseTaken.
-	return p.reg.RenewPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: state, TTL: p.cfg.Lease, Nonce: p.nonce})
+	err := p.reg.RenewPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: state, TTL: p.cfg.Lease, Nonce: p.nonce})
+	now := time.Now().UnixNano()
+	p.renewTriedAt.Store(now)
+	// A renewal that found the registry's data lost wrote the lease anew:
+	// it renewed (see renewLoop).
+	if err == nil || errors.Is(err, registry.ErrRegistryDataLost) {
+		p.renewedAt.Store(now)
+	}
+	return err
+}
+
+// Readiness is nil while the PS does its job: its tunnel listener is open,
+// it is not draining, and its lease was renewed within one lease (so
+// readers see its backends as live). Otherwise it says every reason.
+func (p *PS) Readiness() error {
+	var errs []error
+	p.lnMu.Lock()
+	listening := p.ln != nil
+	p.lnMu.Unlock()
+	if !listening {
+		errs = append(errs, errors.New("tunnel listener not open yet"))
+	}
+	if p.draining.Load() {
+		errs = append(errs, errors.New("draining"))
+	}
+	if p.leaseLost.Load() {
+		errs = append(errs, errors.New("ps id taken over by another instance"))
+	}
+	if at := p.renewedAt.Load(); at == 0 {
+		errs = append(errs, errors.New("lease not claimed yet"))
+	} else if since := time.Since(time.Unix(0, at)); since > p.cfg.Lease {
+		errs = append(errs, fmt.Errorf("lease last renewed %v ago, longer than the lease (%v): readers may count this ps dead", since.Round(time.Millisecond), p.cfg.Lease))
+	}
+	return errors.Join(errs...)
+}
+
+// Health is nil unless the lease loop is stuck: it tries a renewal every
+// --renew, each bounded by the lease, so no attempt finishing for several
+// leases means it no longer runs (a failing registry is not stuck, and is
+// not a reason to restart: the attempts go on). A draining PS stops
+// renewing on purpose and stays healthy.
+func (p *PS) Health() error {
+	if p.draining.Load() {
+		return nil
+	}
+	at := p.renewTriedAt.Load()
+	if at == 0 {
+		return nil // not started yet: the claim is still being retried
+	}
+	limit := max(3*(p.cfg.Lease+p.cfg.Renew), 10*time.Second)
+	if since := time.Since(time.Unix(0, at)); since > limit {
+		return fmt.Errorf("lease loop stuck: no renewal attempt finished for %v (limit %v)", since.Round(time.Millisecond), limit)
+	}
+	return nil
+}
+
+// Reload re-reads the token file (SIGHUP): tunnels handshaking from now on
+// are checked against the new tokens; tunnels already up keep running.
+// A file that does not parse is refused and the tokens in force stay.
+func (p *PS) Reload(context.Context) (string, error) {
+	return p.auth.reload(p.cfg.TokenFile)
 }

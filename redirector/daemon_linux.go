@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,6 +28,8 @@ type Redirector struct {
 	mirror *registry.Mirror
 	rec    *Reconciler
 	dl     *psDeadlines
+	// synced is the mirror's sink: the reconciler, timing its successes.
+	synced *syncTracked
 
 	destroyer socketDestroyer
 }
@@ -69,8 +74,9 @@ func New(cfg Config) (*Redirector, error) {
 	}
 	destroyer := newDestroyer(cfg.PinDir, cfg.forceNetlinkDestroy, log)
 	rec := NewReconciler(NewKernelRouteMap(in.objs.TetherRoutes), destroyer, log, WithTargets(targets))
+	synced := &syncTracked{Reconciler: rec}
 	mirror, err := registry.NewMirror(registry.MirrorConfig{
-		Registry: reg, Sink: rec, Resync: cfg.Resync, Logger: log, Metrics: cfg.Registerer,
+		Registry: reg, Sink: synced, Resync: cfg.Resync, Logger: log, Metrics: cfg.Registerer,
 	})
 	if err != nil {
 		destroyer.Close()
@@ -79,7 +85,7 @@ func New(cfg Config) (*Redirector, error) {
 		return nil, err
 	}
 	dl := &psDeadlines{m: in.objs.TetherPsDeadline, reg: reg, grace: cfg.KernelGrace, log: log, synced: mirror.Ready()}
-	r := &Redirector{cfg: cfg, log: log, in: in, reg: reg, mirror: mirror, rec: rec, dl: dl, destroyer: destroyer}
+	r := &Redirector{cfg: cfg, log: log, in: in, reg: reg, mirror: mirror, rec: rec, dl: dl, synced: synced, destroyer: destroyer}
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(r.collector()); err != nil {
 			r.Close()
@@ -88,6 +94,10 @@ func New(cfg Config) (*Redirector, error) {
 		if err := cfg.Registerer.Register(newHealthCollector(in)); err != nil {
 			r.Close()
 			return nil, fmt.Errorf("register passive health metrics: %w", err)
+		}
+		if err := cfg.Registerer.Register(rec.ChangeLatency()); err != nil {
+			r.Close()
+			return nil, fmt.Errorf("register change-to-map latency: %w", err)
 		}
 	}
 	return r, nil
@@ -106,6 +116,11 @@ func (r *Redirector) Ready() <-chan struct{} { return r.mirror.Ready() }
 // Run keeps the map in sync until ctx ends: the mirror's changes, the
 // retries of failed writes, the PS deadlines, and the state for status.
 func (r *Redirector) Run(ctx context.Context) error {
+	stopping := context.AfterFunc(ctx, func() {
+		r.log.Info("redirector stopping: the programs stay attached and keep redirecting with the pinned routes until the next start",
+			"pin_dir", r.cfg.PinDir, "kernel_grace", r.cfg.KernelGrace)
+	})
+	defer stopping()
 	eg, ctx := errgroup.WithContext(ctx)
 	eg.Go(func() error { return r.mirror.Run(ctx) })
 	eg.Go(func() error { r.rec.RunRetries(ctx); return nil })
@@ -126,6 +141,71 @@ func (r *Redirector) Run(ctx context.Context) error {
 // deadlines are refreshed; it serves /healthz.
 func (r *Redirector) Health() error {
 	return errors.Join(r.rec.Health(), r.dl.healthy())
+}
+
+// syncTracked is the mirror's sink: the reconciler (embedded, so every
+// method of it stays reachable), remembering when a full load or a change
+// last reached the kernel map without error.
+type syncTracked struct {
+	*Reconciler
+	last atomic.Int64 // unix nanoseconds; zero before the first
+}
+
+func (s *syncTracked) Replace(ctx context.Context, routes []registry.RouteState) error {
+	err := s.Reconciler.Replace(ctx, routes)
+	if err == nil {
+		s.last.Store(time.Now().UnixNano())
+	}
+	return err
+}
+
+func (s *syncTracked) Update(ctx context.Context, routes []registry.RouteState) error {
+	err := s.Reconciler.Update(ctx, routes)
+	if err == nil {
+		s.last.Store(time.Now().UnixNano())
+	}
+	return err
+}
+
+// LastSync is when registry state last reached the kernel map without
+// error (a full load or a change); zero before the first.
+func (r *Redirector) LastSync() time.Time {
+	if ns := r.synced.last.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
+}
+
+// syncBound is how old the last successful sync may be for the redirector
+// to count as ready: a full load runs every --resync even when nothing
+// changes, so two periods without one (plus slack for a slow load) mean
+// the registry is out of reach or the map refuses writes. The kernel keeps
+// redirecting meanwhile; readiness only says the map may be stale.
+func (r *Redirector) syncBound() time.Duration { return 2*r.cfg.Resync + 10*time.Second }
+
+// Readiness is nil while the redirector does its job: its programs' links
+// are pinned (attached; `redirector uninstall` removes them), the first
+// full load of the registry reached the kernel map, and a sync succeeded
+// within syncBound. Otherwise it says every reason.
+func (r *Redirector) Readiness() error {
+	var errs []error
+	for _, h := range append(hooks[:len(hooks):len(hooks)], intentHook) {
+		if _, err := os.Stat(filepath.Join(r.cfg.PinDir, h.name)); err != nil {
+			errs = append(errs, fmt.Errorf("program link %s not pinned in %s (detached?): %w", h.name, r.cfg.PinDir, err))
+		}
+	}
+	select {
+	case <-r.mirror.Ready():
+		if last := r.LastSync(); last.IsZero() {
+			errs = append(errs, errors.New("no sync of the route map has succeeded yet"))
+		} else if since := time.Since(last); since > r.syncBound() {
+			errs = append(errs, fmt.Errorf("route map last synced %v ago (bound %v): registry out of reach or map writes failing",
+				since.Round(time.Second), r.syncBound()))
+		}
+	default:
+		errs = append(errs, errors.New("first full load of the registry not in the route map yet"))
+	}
+	return errors.Join(errs...)
 }
 
 // storeState writes the write state into the pinned state map every

@@ -105,7 +105,7 @@ func Probe() error {
 
 func permissionHint(err error) error {
 	if errors.Is(err, unix.EPERM) || errors.Is(err, os.ErrPermission) {
-		return fmt.Errorf("%w (run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)", err)
+		return fmt.Errorf("%w (run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)", err)
 	}
 	return err
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tether-net/tether/bpf"
 	"github.com/tether-net/tether/internal/cidr"
 	"github.com/tether-net/tether/registry"
@@ -93,6 +95,10 @@ type Reconciler struct {
 	// the sockets redirected to it are destroyed.
 	live    map[netip.AddrPort]int
 	entries int
+	// lastFullSync is when Replace last finished (WriteState.LastFullSync).
+	lastFullSync time.Time
+	// changeToMap is tether_redirector_change_to_map_seconds (see Update).
+	changeToMap prometheus.Histogram
 	// skipped counts skips by reason; remembered holds the targets already
 	// logged and counted (up to maxRemembered).
 	skipped        map[string]uint64
@@ -119,12 +125,22 @@ func NewReconciler(m RouteMap, destroy Destroyer, log *slog.Logger, opts ...Reco
 	}
 	r := &Reconciler{m: m, destroy: destroy, log: log, live: map[netip.AddrPort]int{}, now: time.Now,
 		pending: map[bpf.RedirectRouteKey]pendingRoute{}, writeErrors: map[string]uint64{WriteMapFull: 0, WriteOther: 0},
-		skipped: map[string]uint64{SkipNotIPv4: 0, SkipTargetNotAllowed: 0}, remembered: map[netip.AddrPort]struct{}{}}
+		skipped: map[string]uint64{SkipNotIPv4: 0, SkipTargetNotAllowed: 0}, remembered: map[netip.AddrPort]struct{}{},
+		changeToMap: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tether_redirector_change_to_map_seconds",
+			Help: "Time from a registry change (its change feed entry id, on Redis's clock) to the kernel route map write that applies it; one observation per batch of changes, for its oldest.",
+			// 1 ms to ~4 s: a change should reach the map well under 100 ms.
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 13),
+		})}
 	for _, o := range opts {
 		o(r)
 	}
 	return r
 }
+
+// ChangeLatency is the histogram of the time from a registry change to
+// its map write (tether_redirector_change_to_map_seconds), to register.
+func (r *Reconciler) ChangeLatency() prometheus.Collector { return r.changeToMap }
 
 // Skipped returns how many targets were kept out of the map, by reason
 // (SkipNotIPv4, SkipTargetNotAllowed). Each target counts once, however
@@ -186,6 +202,7 @@ func (r *Reconciler) Replace(ctx context.Context, routes []registry.RouteState) 
 	r.putRoutes(ks, vs)
 	r.mu.Lock()
 	r.entries = len(keys) - r.pendingPutsLocked()
+	r.lastFullSync = r.now()
 	killed := r.trackLocked(routes, true)
 	r.mu.Unlock()
 	r.noteState()
@@ -221,6 +238,7 @@ func (r *Reconciler) Update(ctx context.Context, routes []registry.RouteState) e
 	r.mu.Unlock()
 	deleted := r.deleteKeys(delK)
 	written := r.putRoutes(putK, putV)
+	r.observeChangeLatency(ctx)
 	r.mu.Lock()
 	r.entries += written - deleted // approximate between full loads
 	killed := r.trackLocked(routes, false)
@@ -232,6 +250,17 @@ func (r *Reconciler) Update(ctx context.Context, routes []registry.RouteState) e
 	r.noteState()
 	r.destroyDead(ctx, killed)
 	return nil
+}
+
+// observeChangeLatency records, for an update that comes from the change
+// feed, how long ago its oldest change was written to the registry. The
+// feed entry's time is Redis's wall clock and now is this host's, so clock
+// skew between the two adds to (or hides) latency; a negative difference
+// (this clock behind) counts as 0.
+func (r *Reconciler) observeChangeLatency(ctx context.Context) {
+	if at, ok := registry.ChangeTime(ctx); ok {
+		r.changeToMap.Observe(max(r.now().Sub(at).Seconds(), 0))
+	}
 }
 
 // trackLocked updates the live-backend census from routes and returns the

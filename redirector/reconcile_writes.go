@@ -102,6 +102,9 @@ type WriteState struct {
 	Errors map[string]uint64
 	// LastErr is the error of one waiting route, "" when none waits.
 	LastErr string
+	// LastFullSync is when the last full load (Replace) finished writing
+	// the map; zero before the first.
+	LastFullSync time.Time
 }
 
 // State returns the reconciler's write state.
@@ -113,7 +116,7 @@ func (r *Reconciler) State() WriteState {
 	for k, v := range r.writeErrors {
 		errs[k] = v
 	}
-	return WriteState{Pending: st.Pending, Full: st.Full, Errors: errs, LastErr: st.LastErr}
+	return WriteState{Pending: st.Pending, Full: st.Full, Errors: errs, LastErr: st.LastErr, LastFullSync: r.lastFullSync}
 }
 
 // Health is nil when every route is in the map as it should be, and

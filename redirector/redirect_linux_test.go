@@ -76,7 +76,7 @@ print(data.decode().split("\r\n\r\n", 1)[1].strip())
 
 	// bpftool prints the pinned maps readably, thanks to BTF.
 	dump, err := exec.Command(bpftool, "map", "dump", "pinned", filepath.Join(s.pinDir, bpf.RedirectMapTetherRoutes)).CombinedOutput()
-	if err != nil || !strings.Contains(string(dump), `"backends"`) || !strings.Contains(string(dump), `"state": 1`) {
+	if err != nil || !strings.Contains(string(dump), `"backends"`) || !strings.Contains(string(dump), `"state": "BACKEND_LIVE"`) {
 		t.Fatalf("bpftool map dump: %v\n%s", err, dump)
 	}
 }

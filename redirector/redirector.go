@@ -104,6 +104,34 @@ type Status struct {
 	// Health is passive health (health_linux.go); nil on an installation
 	// of a version without it.
 	Health *HealthStatus `json:"passive_health,omitempty"`
+	// Daemon says whether a redirector is running (state_linux.go).
+	Daemon DaemonStatus `json:"daemon"`
+	// Cgroup is the cgroup the pinned links are attached to ("" when it
+	// cannot be found under the cgroup2 mount); Programs the pinned links.
+	Cgroup   string          `json:"cgroup"`
+	Programs []ProgramStatus `json:"programs"`
+}
+
+// DaemonStatus is whether a redirector is running, judged by the
+// heartbeat it writes into the pinned state map every second.
+type DaemonStatus struct {
+	Running bool   `json:"running"`
+	Verdict string `json:"verdict"`
+	// PID is the last writer's PID in its own PID namespace (0: unknown);
+	// PIDExistsHere whether a process with that PID exists in the status
+	// command's namespace (not proof that it is the redirector).
+	PID                    int      `json:"pid,omitempty"`
+	PIDExistsHere          bool     `json:"pid_exists_here"`
+	HeartbeatSecondsAgo    *float64 `json:"heartbeat_seconds_ago,omitempty"`
+	LastFullSyncSecondsAgo *float64 `json:"last_full_sync_seconds_ago,omitempty"`
+}
+
+// ProgramStatus is one pinned link and the program it runs.
+type ProgramStatus struct {
+	Link      string `json:"link"`
+	LinkID    uint32 `json:"link_id"`
+	ProgramID uint32 `json:"program_id"`
+	CgroupID  uint64 `json:"cgroup_id,omitempty"`
 }
 
 // WriteStatus is the route map write state a redirector stored in the pins.
@@ -113,6 +141,9 @@ type WriteStatus struct {
 	WriteErrors       map[string]uint64 `json:"write_errors"`
 	UpdatedSecondsAgo float64           `json:"updated_seconds_ago"`
 	KernelGrace       string            `json:"kernel_grace"`
+	// PID and LastFullSyncSecondsAgo: see DaemonStatus.
+	PID                    int      `json:"pid,omitempty"`
+	LastFullSyncSecondsAgo *float64 `json:"last_full_sync_seconds_ago,omitempty"`
 }
 
 // DeadlineStatus is the per-PS deadlines in the kernel map: how many PS

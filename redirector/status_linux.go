@@ -3,13 +3,17 @@ package redirector
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tether-net/tether/bpf"
+	"github.com/tether-net/tether/internal/cgroup2"
 )
 
 // ReadStatus reads the pinned maps and links under pinDir.
@@ -39,19 +43,66 @@ func ReadStatus(pinDir string) (Status, error) {
 	if err := readWriteState(pinDir, &st); err != nil {
 		return st, err
 	}
+	st.Daemon = daemonStatus(st.Writes)
 	if err := readIntentCounters(pinDir, st.Counters); err != nil {
 		return st, err
 	}
 	if st.Health, err = readHealthStatus(pinDir); err != nil {
 		return st, err
 	}
+	st.Programs = []ProgramStatus{}
 	for _, h := range allHooks() {
-		if l, err := link.LoadPinnedLink(filepath.Join(pinDir, h.name), nil); err == nil {
-			st.Links = append(st.Links, h.name)
-			l.Close()
+		l, err := link.LoadPinnedLink(filepath.Join(pinDir, h.name), nil)
+		if err != nil {
+			continue
+		}
+		st.Links = append(st.Links, h.name)
+		if info, err := l.Info(); err == nil {
+			ps := ProgramStatus{Link: h.name, LinkID: uint32(info.ID), ProgramID: uint32(info.Program)}
+			if cg := info.Cgroup(); cg != nil {
+				ps.CgroupID = cg.CgroupId
+			}
+			st.Programs = append(st.Programs, ps)
+		}
+		l.Close()
+	}
+	st.Cgroup = cgroupOfLinks(st.Programs)
+	return st, nil
+}
+
+// cgroupOfLinks is the path of the cgroup the links are attached to: the
+// directory under the cgroup2 mount whose inode number is the cgroup id
+// the kernel reports. "" when the links report none or it is not found
+// (a status run in another cgroup namespace or mount). When links name
+// several cgroups (something other than tether attached them), the first.
+func cgroupOfLinks(progs []ProgramStatus) string {
+	var id uint64
+	for _, p := range progs {
+		if p.CgroupID != 0 {
+			id = p.CgroupID
+			break
 		}
 	}
-	return st, nil
+	if id == 0 {
+		return ""
+	}
+	mnt, err := cgroup2.Mount()
+	if err != nil {
+		return ""
+	}
+	found := ""
+	_ = filepath.WalkDir(mnt, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil // unreadable or not a cgroup: skip
+		}
+		var st unix.Stat_t
+		if unix.Stat(path, &st) == nil && st.Ino == id {
+			found = path
+			return fs.SkipAll
+		}
+		return nil
+	})
+	return found
 }
 
 // readWriteState fills st.Writes and st.Deadlines from their pinned maps;

@@ -192,7 +192,10 @@ type message struct {
 	leases   map[string]PSLease
 	gone     []string
 	changes  int
-	started  time.Time
+	// changedAt is when the oldest of the changes was written (its feed
+	// entry id's time), for ChangeTime.
+	changedAt time.Time
+	started   time.Time
 	// merge is set during a repair window after a data loss: what the
 	// message holds is added, and nothing is removed for being absent.
 	merge bool
@@ -359,7 +362,7 @@ func (m *Mirror) follow(ctx context.Context, msgs chan<- message) {
 			continue
 		}
 		reached()
-		if !send(ctx, msgs, message{routes: routes, leases: leases, gone: gone, changes: len(changes), merge: !repairUntil.IsZero()}) {
+		if !send(ctx, msgs, message{routes: routes, leases: leases, gone: gone, changes: len(changes), changedAt: streamIDTime(changes[0].Cursor), merge: !repairUntil.IsZero()}) {
 			return
 		}
 		cursor = changes[len(changes)-1].Cursor

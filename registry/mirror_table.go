@@ -69,7 +69,7 @@ func (m *Mirror) apply(ctx context.Context, msg message) error {
 	m.mu.Unlock()
 	m.metrics.changes.Add(float64(msg.changes))
 	if m.cfg.Sink != nil && len(out) > 0 {
-		if err := m.cfg.Sink.Update(ctx, out); err != nil {
+		if err := m.cfg.Sink.Update(withChangeTime(ctx, msg.changedAt), out); err != nil {
 			return fmt.Errorf("update %d routes: %w", len(out), err)
 		}
 	}

@@ -1,8 +1,12 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"os"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
@@ -53,7 +57,7 @@ the pinned links). "tether redirector uninstall" removes everything.`,
 		},
 	}
 	cliconfig.Bind(cmd.Flags(), &cfg)
-	cmd.AddCommand(newRedirectorStatusCmd(g), newRedirectorUninstallCmd(g))
+	cmd.AddCommand(newRedirectorStatusCmd(g), newRedirectorUninstallCmd(g), newRedirectorRoutesCmd(g))
 	return cmd
 }
 
@@ -109,6 +113,9 @@ func newRedirectorUninstallCmd(g *globalFlags) *cobra.Command {
 					return err
 				}
 			}
+			if err := checkPinDir(cfg.PinDir); err != nil {
+				return err
+			}
 			if err := redirector.Uninstall(cfg.PinDir); err != nil {
 				return err
 			}
@@ -118,4 +125,34 @@ func newRedirectorUninstallCmd(g *globalFlags) *cobra.Command {
 	}
 	cliconfig.Bind(cmd.Flags(), &cfg)
 	return cmd
+}
+
+// checkPinDir makes sure dir is a redirector's pin directory before
+// uninstall removes it. A directory that does not exist is an error, not
+// a silent success: it is far more often a mistyped --pin-dir (leaving the
+// real installation redirecting) than a second uninstall. And since
+// uninstall removes the whole directory, one that holds anything but
+// tether's pins (link_*, tether_*) is refused: --pin-dir /sys/fs/bpf or a
+// home directory must never be emptied.
+func checkPinDir(dir string) error {
+	st, err := os.Stat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("pin directory %s does not exist: nothing to uninstall there (the redirector pins under %s unless started with --pin-dir)", dir, redirector.DefaultConfig().PinDir)
+	}
+	if err != nil {
+		return fmt.Errorf("pin directory: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("pin directory %s is not a directory", dir)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("pin directory: %w", err)
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "tether_") && !strings.HasPrefix(e.Name(), "link_") {
+			return fmt.Errorf("pin directory %s holds %q, which tether did not pin: refusing to remove the directory (is --pin-dir right?)", dir, e.Name())
+		}
+	}
+	return nil
 }

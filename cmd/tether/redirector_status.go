@@ -13,9 +13,18 @@ import (
 
 func writeStatus(cmd *cobra.Command, st redirector.Status) error {
 	tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+	writeDaemon(tw, st.Daemon)
 	fmt.Fprintf(tw, "pin dir\t%s\n", st.PinDir)
-	fmt.Fprintf(tw, "routes\t%d of %d\n", st.Routes, st.Capacity)
+	cgroup := st.Cgroup
+	if cgroup == "" {
+		cgroup = "unknown (no pinned link, or not under this host's cgroup2 mount)"
+	}
+	fmt.Fprintf(tw, "cgroup\t%s\n", cgroup)
+	fmt.Fprintf(tw, "map fill\t%d of %d routes (%.1f%%)\n", st.Routes, st.Capacity, fillPercent(st.Routes, st.Capacity))
 	fmt.Fprintf(tw, "links\t%v\n", st.Links)
+	for _, p := range st.Programs {
+		fmt.Fprintf(tw, "  %s\tlink id %d, program id %d (bpftool prog show id %d)\n", p.Link, p.LinkID, p.ProgramID, p.ProgramID)
+	}
 	writeMapState(tw, st)
 	writeHealth(tw, st.Health)
 	names := make([]string, 0, len(st.Counters))
@@ -69,4 +78,29 @@ func writeHealth(w io.Writer, h *redirector.HealthStatus) {
 	if h.Marked > len(h.Suspects) {
 		fmt.Fprintf(w, "  ...\t%d more (tether redirector status -o json, or bpftool map dump pinned <pin-dir>/tether_suspect)\n", h.Marked-len(h.Suspects))
 	}
+}
+
+// writeDaemon prints whether a redirector is running, its PID and the
+// time of its last full sync with the registry.
+func writeDaemon(w io.Writer, d redirector.DaemonStatus) {
+	fmt.Fprintf(w, "redirector\t%s\n", d.Verdict)
+	if d.PID > 0 {
+		seen := "a process with this PID exists here"
+		if !d.PIDExistsHere {
+			seen = "no process with this PID here (stopped, or in another PID namespace)"
+		}
+		fmt.Fprintf(w, "pid\t%d (%s)\n", d.PID, seen)
+	}
+	if d.LastFullSyncSecondsAgo != nil {
+		fmt.Fprintf(w, "last full sync\t%s ago\n", seconds(*d.LastFullSyncSecondsAgo))
+	} else if d.HeartbeatSecondsAgo != nil {
+		fmt.Fprintf(w, "last full sync\tnone yet\n")
+	}
+}
+
+func fillPercent(n int, capacity uint32) float64 {
+	if capacity == 0 {
+		return 0
+	}
+	return 100 * float64(n) / float64(capacity)
 }

@@ -3,15 +3,12 @@ package main
 import (
 	"fmt"
 	"log/slog"
-	"runtime/debug"
 
 	"github.com/spf13/cobra"
 
+	"github.com/tether-net/tether/internal/buildinfo"
 	"github.com/tether-net/tether/internal/daemon"
 )
-
-// version is set at build time with -ldflags "-X main.version=...".
-var version = "dev"
 
 // globalFlags are the flags every subcommand shares.
 type globalFlags struct {
@@ -55,17 +52,28 @@ func (g *globalFlags) logger(cmd *cobra.Command) (*slog.Logger, error) {
 }
 
 func newVersionCmd() *cobra.Command {
-	return &cobra.Command{
+	output := "text"
+	cmd := &cobra.Command{
 		Use:   "version",
-		Short: "Print the version of tether",
-		Args:  cobra.NoArgs,
+		Short: "Print the version, commit and Go version of this tether binary",
+		Long: `version prints the build's identity: the version (set with -ldflags, else the
+module version of "go install", else "dev"), the git commit ("-dirty" when the
+work tree had changes; from the VCS data the go command embeds, or -ldflags)
+and the Go toolchain. Every daemon exports the same as tether_build_info.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			v := version
-			if bi, ok := debug.ReadBuildInfo(); ok && v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-				v = bi.Main.Version
+			bi := buildinfo.Get()
+			switch output {
+			case "json":
+				return writeJSON(cmd.OutOrStdout(), bi)
+			case "text":
+				_, err := fmt.Fprintln(cmd.OutOrStdout(), bi.String())
+				return err
+			default:
+				return fmt.Errorf("--output %q: want text or json", output)
 			}
-			_, err := fmt.Fprintf(cmd.OutOrStdout(), "tether %s\n", v)
-			return err
 		},
 	}
+	cmd.Flags().StringVarP(&output, "output", "o", output, "output format: text or json")
+	return cmd
 }

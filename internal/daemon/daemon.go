@@ -45,11 +45,32 @@ func NewRegistry() *prometheus.Registry {
 	return reg
 }
 
-// ServeMetrics serves /metrics from g and /healthz on addr until ctx ends.
-// An empty addr disables it and returns nil at once. ready, when not nil,
-// receives the bound address (useful with port 0). /healthz answers 200
-// "ok" while every check returns nil, else 503 with the checks' errors.
-func ServeMetrics(ctx context.Context, addr string, g prometheus.Gatherer, log *slog.Logger, ready func(net.Addr), checks ...func() error) error {
+// Probes are what a daemon tells its HTTP endpoint about itself.
+type Probes struct {
+	// Health checks serve /healthz: 200 "ok" while all return nil, else
+	// 503 with their errors. They say whether the process works at all
+	// (a restart may help), not whether it has finished starting.
+	Health []func() error
+	// Ready serves /readyz: 200 "ready" when it returns nil, else 503 with
+	// its error, the reasons the daemon cannot do its job yet. nil means
+	// ready as soon as the endpoint serves.
+	Ready func() error
+}
+
+// ServeMetrics serves /metrics from g, /healthz and /readyz on addr until
+// ctx ends. An empty addr disables it and returns nil at once. bound, when
+// not nil, receives the bound address (useful with port 0). /healthz
+// answers 200 "ok" while every check returns nil, else 503 with the
+// checks' errors; /readyz is always ready (see Serve for a daemon that
+// knows better).
+func ServeMetrics(ctx context.Context, addr string, g prometheus.Gatherer, log *slog.Logger, bound func(net.Addr), checks ...func() error) error {
+	return Serve(ctx, addr, g, log, bound, Probes{Health: checks})
+}
+
+// Serve serves /metrics from g, and /healthz and /readyz from probes, on
+// addr until ctx ends. An empty addr disables it and returns nil at once.
+// bound, when not nil, receives the bound address.
+func Serve(ctx context.Context, addr string, g prometheus.Gatherer, log *slog.Logger, bound func(net.Addr), probes Probes) error {
 	if addr == "" {
 		return nil
 	}
@@ -59,12 +80,13 @@ func ServeMetrics(ctx context.Context, addr string, g prometheus.Gatherer, log *
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { serveHealth(w, checks) })
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { serveHealth(w, probes.Health) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { serveReady(w, probes.Ready) })
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	if ready != nil {
-		ready(ln.Addr())
+	if bound != nil {
+		bound(ln.Addr())
 	}
-	log.Info("serving metrics", "addr", ln.Addr().String())
+	log.Info("serving metrics", "addr", ln.Addr().String(), "paths", "/metrics /healthz /readyz")
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {
@@ -96,4 +118,19 @@ func serveHealth(w http.ResponseWriter, checks []func() error) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(http.StatusServiceUnavailable)
 	_, _ = io.WriteString(w, "not ok: "+errors.Join(errs...).Error()+"\n")
+}
+
+// serveReady answers /readyz from ready.
+func serveReady(w http.ResponseWriter, ready func() error) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if ready == nil {
+		_, _ = io.WriteString(w, "ready\n")
+		return
+	}
+	if err := ready(); err != nil {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = io.WriteString(w, "not ready: "+err.Error()+"\n")
+		return
+	}
+	_, _ = io.WriteString(w, "ready\n")
 }

@@ -31,9 +31,9 @@ func RequirePrivileged(t testing.TB) {
 		return
 	}
 	if os.Getenv(PrivilegedEnv) == "1" {
-		t.Fatalf("this test needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and %s=1 forbids skipping it", PrivilegedEnv)
+		t.Fatalf("this test needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) and %s=1 forbids skipping it", PrivilegedEnv)
 	}
-	t.Skip("skipped: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root, or set " + PrivilegedEnv + "=1 to make this a failure")
+	t.Skip("skipped: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON); run as root, or set " + PrivilegedEnv + "=1 to make this a failure")
 }
 
 // RequireBinary skips (or, under TETHER_TEST_PRIVILEGED=1, fails) when a
