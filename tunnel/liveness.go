@@ -140,23 +140,33 @@ func rawConn(conn net.Conn) net.Conn {
 	return conn
 }
 
-// watchLiveness closes mux when lc has read nothing for deadAfter, and
-// pings the peer whenever the connection has been quiet for a quarter of
-// that, so a live peer always has something to answer. It returns when
-// the session ends.
+// watchLiveness closes mux when lc has read nothing for deadAfter (and
+// nothing waits unread in the socket, and this process was not itself
+// stalled), and pings the peer whenever the connection has been quiet for
+// a quarter of that, so a live peer always has something to answer. It
+// returns when the session ends.
 func watchLiveness(mux *yamux.Session, lc *livenessConn, raw net.Conn, deadAfter time.Duration, log *slog.Logger, onDead func(time.Duration)) {
 	tick := deadAfter / 4
 	t := time.NewTicker(tick)
 	defer t.Stop()
 	var pinging atomic.Bool // one ping in flight at most
+	last := time.Now()
 	for {
 		select {
 		case <-mux.CloseChan():
 			return
 		case <-t.C:
 		}
+		// Silence is judged only when this process itself was running: a
+		// tick that comes late by more than a tick means it was not (a
+		// loaded host, a long GC), and then the silence may be its own.
+		// Bytes waiting in the socket's receive queue are life too, read
+		// or not (a receive loop that did not get the CPU).
+		now := time.Now()
+		stalled := now.Sub(last) > 2*tick
+		last = now
 		silent := lc.silentFor()
-		if silent >= deadAfter {
+		if silent >= deadAfter && !stalled && unreadBytes(raw) == 0 {
 			if log != nil {
 				log.Warn("tunnel peer silent: closing the session", "remote", raw.RemoteAddr().String(),
 					"silent_for", silent.Round(time.Millisecond), "dead_after", deadAfter, "reason", ErrPeerSilent.Error())
