@@ -363,6 +363,7 @@ func (s *PSSession) OpenControl(timeout time.Duration) (*ControlServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open control stream: %w", err)
 	}
+	s.streams.add(st) // woken with the others when the session dies
 	fail := func(err error) (*ControlServer, error) {
 		_ = (&streamConn{Stream: st}).Close()
 		return nil, err

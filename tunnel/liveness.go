@@ -68,20 +68,35 @@ func userTimeout(deadAfter time.Duration) time.Duration {
 // livenessConn records when the connection under a session last read
 // anything. It sits above coalescingConn, which must see the raw TCP
 // connection for its writev path; Write passes through untouched.
+//
+// Its first failed read or write wakes the session's streams (see
+// streamSet) before yamux sees the error and shuts the session down.
 type livenessConn struct {
 	net.Conn
 	base     time.Time    // monotonic origin of lastRead
 	lastRead atomic.Int64 // nanoseconds since base of the last read of > 0 bytes
+	streams  *streamSet
 }
 
-func newLivenessConn(c net.Conn) *livenessConn {
-	return &livenessConn{Conn: c, base: time.Now()}
+func newLivenessConn(c net.Conn, streams *streamSet) *livenessConn {
+	return &livenessConn{Conn: c, base: time.Now(), streams: streams}
 }
 
 func (c *livenessConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
 	if n > 0 {
 		c.lastRead.Store(int64(time.Since(c.base)))
+	}
+	if err != nil {
+		c.streams.wake()
+	}
+	return n, err
+}
+
+func (c *livenessConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	if err != nil {
+		c.streams.wake()
 	}
 	return n, err
 }
@@ -93,21 +108,28 @@ func (c *livenessConn) silentFor() time.Duration {
 
 // startSession wraps conn (the handshake's connection, TLS or not) for a
 // yamux session, sets TCP_USER_TIMEOUT on the socket under it, starts the
-// session with newMux and then the watchdog. log may be nil.
-func startSession(conn net.Conn, live Liveness, log *slog.Logger, newMux func(net.Conn) (*yamux.Session, error)) (*yamux.Session, error) {
+// session with newMux and then the watchdog. log may be nil. The session's
+// streams must be registered in the returned set (see streamSet).
+func startSession(conn net.Conn, live Liveness, log *slog.Logger, newMux func(net.Conn) (*yamux.Session, error)) (*yamux.Session, *streamSet, error) {
 	deadAfter := live.deadAfter()
 	raw := rawConn(conn)
 	if err := setUserTimeout(raw, userTimeout(deadAfter)); err != nil && log != nil {
 		// Not fatal: the watchdog still notices a silent peer.
 		log.Warn("could not set TCP_USER_TIMEOUT on the tunnel socket", "err", err)
 	}
-	lc := newLivenessConn(newCoalescingConn(conn))
+	streams := newStreamSet()
+	lc := newLivenessConn(newCoalescingConn(conn), streams)
 	mux, err := newMux(lc)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	go watchLiveness(mux, lc, raw, deadAfter, log, live.OnDead)
-	return mux, nil
+	go func() {
+		// Every other way a session ends (a Close from yamux itself).
+		<-mux.CloseChan()
+		streams.wake()
+	}()
+	return mux, streams, nil
 }
 
 // rawConn is the TCP connection under conn (TLS unwrapped).
@@ -118,23 +140,33 @@ func rawConn(conn net.Conn) net.Conn {
 	return conn
 }
 
-// watchLiveness closes mux when lc has read nothing for deadAfter, and
-// pings the peer whenever the connection has been quiet for a quarter of
-// that, so a live peer always has something to answer. It returns when
-// the session ends.
+// watchLiveness closes mux when lc has read nothing for deadAfter (and
+// nothing waits unread in the socket, and this process was not itself
+// stalled), and pings the peer whenever the connection has been quiet for
+// a quarter of that, so a live peer always has something to answer. It
+// returns when the session ends.
 func watchLiveness(mux *yamux.Session, lc *livenessConn, raw net.Conn, deadAfter time.Duration, log *slog.Logger, onDead func(time.Duration)) {
 	tick := deadAfter / 4
 	t := time.NewTicker(tick)
 	defer t.Stop()
 	var pinging atomic.Bool // one ping in flight at most
+	last := time.Now()
 	for {
 		select {
 		case <-mux.CloseChan():
 			return
 		case <-t.C:
 		}
+		// Silence is judged only when this process itself was running: a
+		// tick that comes late by more than a tick means it was not (a
+		// loaded host, a long GC), and then the silence may be its own.
+		// Bytes waiting in the socket's receive queue are life too, read
+		// or not (a receive loop that did not get the CPU).
+		now := time.Now()
+		stalled := now.Sub(last) > 2*tick
+		last = now
 		silent := lc.silentFor()
-		if silent >= deadAfter {
+		if silent >= deadAfter && !stalled && unreadBytes(raw) == 0 {
 			if log != nil {
 				log.Warn("tunnel peer silent: closing the session", "remote", raw.RemoteAddr().String(),
 					"silent_for", silent.Round(time.Millisecond), "dead_after", deadAfter, "reason", ErrPeerSilent.Error())
@@ -142,6 +174,7 @@ func watchLiveness(mux *yamux.Session, lc *livenessConn, raw net.Conn, deadAfter
 			if onDead != nil {
 				onDead(silent)
 			}
+			lc.streams.wake()
 			// The raw socket first: a TLS close would try to send
 			// close_notify into a connection nobody reads, and yamux's
 			// Close waits for its send loop, which may sit in that write.

@@ -40,6 +40,7 @@ type AgentSession struct {
 	Welcome *Welcome
 	conn    net.Conn
 	mux     *yamux.Session
+	streams *streamSet
 
 	// The control channel, once the PS opened it (control.go).
 	noControl bool
@@ -116,13 +117,13 @@ func handshake(ctx context.Context, conn net.Conn, hello *Hello, cfg ClientConfi
 	if err := conn.SetDeadline(time.Time{}); err != nil {
 		return nil, fmt.Errorf("handshake: %w", err)
 	}
-	mux, err := startSession(conn, cfg.Liveness, cfg.Logger, func(c net.Conn) (*yamux.Session, error) {
+	mux, streams, err := startSession(conn, cfg.Liveness, cfg.Logger, func(c net.Conn) (*yamux.Session, error) {
 		return yamux.Server(c, yamuxConfig(cfg.Logger, cfg.Window))
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
 	}
-	return &AgentSession{Welcome: w, conn: conn, mux: mux, noControl: cfg.DisableControl}, nil
+	return &AgentSession{Welcome: w, conn: conn, mux: mux, streams: streams, noControl: cfg.DisableControl}, nil
 }
 
 func ctxErr(ctx context.Context, err error) error {
@@ -142,6 +143,7 @@ func (s *AgentSession) Accept(ctx context.Context) (*Incoming, error) {
 		}
 		return nil, fmt.Errorf("%w: %w", ErrSessionClosed, err)
 	}
+	s.streams.add(st)
 	return &Incoming{st: st, sess: s}, nil
 }
 
@@ -149,7 +151,10 @@ func (s *AgentSession) Accept(ctx context.Context) (*Incoming, error) {
 func (s *AgentSession) Done() <-chan struct{} { return s.mux.CloseChan() }
 
 // Close tears the tunnel down.
-func (s *AgentSession) Close() error { return s.mux.Close() }
+func (s *AgentSession) Close() error {
+	s.streams.wake()
+	return s.mux.Close()
+}
 
 // NumStreams is the number of streams open on the tunnel.
 func (s *AgentSession) NumStreams() int { return s.mux.NumStreams() }
@@ -186,7 +191,7 @@ func (in *Incoming) ReadHeader(timeout time.Duration) (StreamHeader, error) {
 func (in *Incoming) Reject(code StreamCode, msg string) error {
 	_ = in.st.SetWriteDeadline(time.Now().Add(WriteTimeout))
 	_, err := in.st.Write(EncodeStreamStatus(StreamStatus{Code: code, Message: msg}))
-	c := &streamConn{Stream: in.st}
+	c := &streamConn{Stream: in.st, set: in.sess.streams}
 	_ = c.Close()
 	if err != nil {
 		return fmt.Errorf("send stream status: %w", err)
@@ -197,12 +202,12 @@ func (in *Incoming) Reject(code StreamCode, msg string) error {
 // Accept answers the stream with StreamOK and returns it for copying.
 func (in *Incoming) Accept() (relay.HalfCloser, error) {
 	if _, err := in.st.Write(EncodeStreamStatus(StreamStatus{Code: StreamOK})); err != nil {
-		c := &streamConn{Stream: in.st}
+		c := &streamConn{Stream: in.st, set: in.sess.streams}
 		_ = c.Close()
 		return nil, fmt.Errorf("send stream status: %w", err)
 	}
-	return &streamConn{Stream: in.st}, nil
+	return &streamConn{Stream: in.st, set: in.sess.streams}, nil
 }
 
 // Abort closes the stream without an answer.
-func (in *Incoming) Abort() { c := &streamConn{Stream: in.st}; _ = c.Close() }
+func (in *Incoming) Abort() { c := &streamConn{Stream: in.st, set: in.sess.streams}; _ = c.Close() }

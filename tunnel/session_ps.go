@@ -63,8 +63,9 @@ func RefuseCode(err error) Code {
 // PSSession is the PS's end of an established tunnel: the PS opens one
 // stream per client connection, and the agent never opens any.
 type PSSession struct {
-	conn net.Conn
-	mux  *yamux.Session
+	conn    net.Conn
+	mux     *yamux.Session
+	streams *streamSet
 
 	// control is the session's control channel once OpenControl
 	// succeeded; Close and GoAway send a Bye on it (control.go).
@@ -105,13 +106,13 @@ func NewPSSession(conn net.Conn, log *slog.Logger, window uint32, opts ...PSOpti
 	for _, opt := range opts {
 		opt(&o)
 	}
-	mux, err := startSession(conn, o.liveness, log, func(c net.Conn) (*yamux.Session, error) {
+	mux, streams, err := startSession(conn, o.liveness, log, func(c net.Conn) (*yamux.Session, error) {
 		return yamux.Client(c, yamuxConfig(log, window))
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
 	}
-	s := &PSSession{conn: conn, mux: mux}
+	s := &PSSession{conn: conn, mux: mux, streams: streams}
 	go s.refuseAgentStreams(log, o.onAgentStream)
 	return s, nil
 }
@@ -139,6 +140,7 @@ func (s *PSSession) Done() <-chan struct{} { return s.mux.CloseChan() }
 // first (Bye) that the tunnel is closed on purpose, not lost.
 func (s *PSSession) Close() error {
 	s.sendBye("tunnel closed by the ps")
+	s.streams.wake()
 	return s.mux.Close()
 }
 
@@ -184,21 +186,22 @@ func (s *PSSession) Open(h StreamHeader, timeout time.Duration) (relay.HalfClose
 			return nil, fmt.Errorf("open stream: %w", r.err)
 		}
 		st = r.st
+		s.streams.add(st)
 	case <-timer.C:
 		go func() {
 			if r := <-ch; r.st != nil {
-				_ = (&streamConn{Stream: r.st}).Close()
+				_ = (&streamConn{Stream: r.st}).Close() // never added
 			}
 		}()
 		return nil, fmt.Errorf("open stream: no answer within %v", timeout)
 	}
 	_ = st.SetWriteDeadline(time.Now().Add(timeout))
 	if _, err := st.Write(hdr); err != nil {
-		_ = (&streamConn{Stream: st}).Close()
+		_ = (&streamConn{Stream: st, set: s.streams}).Close()
 		return nil, fmt.Errorf("send stream header: %w", err)
 	}
 	_ = st.SetWriteDeadline(time.Time{})
-	return &outStream{streamConn: streamConn{Stream: st}, statusTimeout: StatusTimeout}, nil
+	return &outStream{streamConn: streamConn{Stream: st, set: s.streams}, statusTimeout: StatusTimeout}, nil
 }
 
 // StatusTimeout bounds the wait for the agent's stream status; the agent

@@ -17,12 +17,14 @@ var ErrSessionClosed = errors.New("tunnel session closed")
 type streamConn struct {
 	*yamux.Stream
 	closed atomic.Bool
+	set    *streamSet // the session's, which forgets the stream on Close; may be nil
 }
 
 func (s *streamConn) CloseWrite() error { return s.Stream.Close() }
 
 func (s *streamConn) Close() error {
 	s.closed.Store(true)
+	s.set.remove(s.Stream)
 	err := s.Stream.Close()
 	_ = s.Stream.SetDeadline(time.Unix(1, 0))
 	return err

@@ -35,3 +35,23 @@ func setUserTimeout(c net.Conn, d time.Duration) error {
 	}
 	return nil
 }
+
+// unreadBytes is how many bytes wait in c's receive queue, read by nobody
+// yet (SIOCINQ); 0 when c is no TCP socket or the kernel does not say.
+func unreadBytes(c net.Conn) int {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return 0
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) {
+		if v, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ); err == nil {
+			n = v
+		}
+	})
+	return n
+}

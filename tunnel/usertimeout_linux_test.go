@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"io"
 	"net"
 	"syscall"
 	"testing"
@@ -54,5 +55,46 @@ func TestUserTimeoutIsSetUnderTLS(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// The watchdog counts bytes waiting unread in the socket as life: a peer
+// whose answer arrived while this process's receive loop had no CPU is not
+// dead.
+func TestUnreadBytesSeesTheReceiveQueue(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if n := unreadBytes(c); n != 0 {
+		t.Fatalf("%d unread bytes before anything was sent", n)
+	}
+	if _, err := s.Write([]byte("ping!")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for unreadBytes(c) != 5 {
+		if time.Now().After(deadline) {
+			t.Fatalf("unread bytes %d, want 5", unreadBytes(c))
+		}
+		time.Sleep(time.Millisecond)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	if n := unreadBytes(c); n != 0 {
+		t.Fatalf("%d unread bytes after reading them", n)
 	}
 }
