@@ -47,6 +47,7 @@ pids+=($!)
 mkdir "$work/site" && echo "hello from a1" >"$work/site/index.html"
 python3 -m http.server "$SERVICE_PORT" --bind 127.0.0.1 --directory "$work/site" >"$work/service.log" 2>&1 &
 pids+=($!)
+for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$SERVICE_PORT/" && break; sleep 0.1; done
 TETHER_TOKEN=$token "$TETHER" agent --id a1 --ip 127.77.0.1 --server "127.0.0.1:$PS_PORT" \
   --expose "8080=127.0.0.1:$SERVICE_PORT" --tunnels 1 >"$work/agent.log" 2>&1 &
 pids+=($!)

@@ -11,10 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/internal/tunneltest"
+	"github.com/tether-net/tether/registry"
 )
 
 // writeConfig writes a config file in the test's temporary directory.
@@ -108,8 +107,13 @@ func TestOneConfigFileServesPSAndRedirector(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = stopPS() })
 
-	rdb := redis.NewClient(&redis.Options{Addr: rd.Addr()})
-	defer rdb.Close()
+	// The registry as the file's prefix and as the default one.
+	shared, err := registry.New(registry.Config{URL: rd.URL(), Prefix: "shared1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer shared.Close()
+	deflt := tunneltest.NewRegistry(t, rd.URL())
 	testutil.Eventually(t, 10*time.Second, "the PS lease under the prefix from the shared file", func() error {
 		select {
 		case err := <-done:
@@ -117,15 +121,15 @@ func TestOneConfigFileServesPSAndRedirector(t *testing.T) {
 			return fmt.Errorf("ps exited: %v\n%s", err, log.String()) // Eventually retries; the log shows why
 		default:
 		}
-		n, err := rdb.Exists(context.Background(), "{shared1}:ps:ps1").Result()
-		if err != nil || n != 1 {
-			return fmt.Errorf("{shared1}:ps:ps1 exists=%d err=%v", n, err)
+		leases, err := shared.PSLeases(context.Background())
+		if _, ok := leases["ps1"]; err != nil || len(leases) != 1 || !ok {
+			return fmt.Errorf("leases under the prefix shared1: %+v, %v", leases, err)
 		}
 		return nil
 	})
 	testutil.WaitTCP(t, listen, 10*time.Second) // the listen address from the file
-	if keys, _ := rdb.Keys(context.Background(), "{tether}*").Result(); len(keys) > 0 {
-		t.Errorf("the PS wrote under the default prefix despite redis-prefix in the file: %v", keys)
+	if leases, err := deflt.PSLeases(context.Background()); err != nil || len(leases) > 0 {
+		t.Errorf("the PS wrote under the default prefix despite redis-prefix in the file: %+v, %v", leases, err)
 	}
 	if err := stopPS(); err != nil {
 		t.Errorf("ps: %v\n%s", err, log.String())

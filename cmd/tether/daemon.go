@@ -78,16 +78,17 @@ func runDaemon(cmd *cobra.Command, g *globalFlags, cfg validator, metricsAddr *s
 	}
 	role := cmd.Name()
 	bi := buildinfo.Get()
-	log.Info("starting tether "+role, append([]any{"pid", os.Getpid()}, bi.LogAttrs()...)...)
 	started := time.Now()
 	reg := daemon.NewRegistry()
 	reg.MustRegister(buildinfo.NewCollector(bi))
 	r, err := build(log, reg)
 	if err != nil {
-		log.Error("tether "+role+" failed to start", "err", err)
+		// One line, from main: a daemon that cannot start (bad settings,
+		// missing credentials) says what and why once, and nothing else.
 		return err
 	}
 	defer r.Close()
+	log.Info("starting tether "+role, append([]any{"pid", os.Getpid()}, bi.LogAttrs()...)...)
 
 	eg, ctx := errgroup.WithContext(cmd.Context())
 	watchdog := daemon.NewWatchdog("process watchdog", watchdogStall)
