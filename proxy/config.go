@@ -11,11 +11,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tether-net/tether/internal/cidr"
+	"github.com/tether-net/tether/registry"
 )
 
 // Config configures the proxy.
 type Config struct {
-	Redis        string   `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
+	Redis        string   `yaml:"redis" flag:"redis" usage:"the route registry: host:port, redis://, rediss:// or unix:// URL"`
 	RedisPrefix  string   `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	Socks        string   `yaml:"socks" flag:"socks" usage:"address of the SOCKS5 listener (empty = off)"`
 	HTTP         string   `yaml:"http" flag:"http" usage:"address of the HTTP proxy listener (empty = off)"`
@@ -49,6 +50,9 @@ func (c *Config) Validate() error {
 	var errs []error
 	if c.Redis == "" {
 		errs = append(errs, errors.New("--redis is required"))
+	} else if _, err := registry.ParseRedisAddress(c.Redis); err != nil {
+		// Before anything starts: the redirector would attach first.
+		errs = append(errs, fmt.Errorf("--redis: %w", err))
 	}
 	if c.Socks == "" && c.HTTP == "" {
 		errs = append(errs, errors.New("set --socks, --http or both"))

@@ -28,7 +28,7 @@ type Config struct {
 	Listen       string   `yaml:"listen" flag:"listen" usage:"address to accept agents' tunnels on"`
 	Advertise    string   `yaml:"advertise" flag:"advertise" usage:"IP clients reach this PS at; data ports listen on it"`
 	Ports        string   `yaml:"ports" flag:"ports" usage:"range of data ports, LO-HI"`
-	Redis        string   `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
+	Redis        string   `yaml:"redis" flag:"redis" usage:"the route registry: host:port, redis://, rediss:// or unix:// URL"`
 	RedisPrefix  string   `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	TokenFile    string   `yaml:"token-file" flag:"token-file" usage:"file of agent credentials, one 'TOKEN AGENT_IDS [CIDRS]' per line (see the README)"`
 	Insecure     bool     `yaml:"insecure" flag:"insecure" usage:"accept agents without any credential (no token file, no client CA); for experiments only"`
@@ -97,6 +97,9 @@ func (c *Config) Validate() error {
 	var errs []error
 	if err := ident.Valid(c.ID); err != nil {
 		errs = append(errs, fmt.Errorf("--id: %w", err))
+	}
+	if _, err := registry.ParseRedisAddress(c.Redis); err != nil {
+		errs = append(errs, fmt.Errorf("--redis: %w", err))
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("--listen %q: %w", c.Listen, err))

@@ -10,11 +10,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tether-net/tether/internal/cidr"
+	"github.com/tether-net/tether/registry"
 )
 
 // Config configures the redirector daemon.
 type Config struct {
-	Redis       string        `yaml:"redis" flag:"redis" usage:"Redis URL of the route registry"`
+	Redis       string        `yaml:"redis" flag:"redis" usage:"the route registry: host:port, redis://, rediss:// or unix:// URL"`
 	RedisPrefix string        `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	Cgroup      string        `yaml:"cgroup" flag:"cgroup" usage:"cgroup v2 directory whose processes are redirected (required; the root of the cgroup2 mount, i.e. every process of the host, only when named)"`
 	TargetCIDRs []string      `yaml:"target-cidrs" flag:"target-cidrs" usage:"destinations that may be redirected (default: any but loopback, link-local, unspecified, multicast; those only when a range inside them is named, e.g. 127.77.0.0/16)"`
@@ -55,6 +56,9 @@ func (c *Config) Validate() error {
 	var errs []error
 	if c.Redis == "" {
 		errs = append(errs, errors.New("--redis is required"))
+	} else if _, err := registry.ParseRedisAddress(c.Redis); err != nil {
+		// Before anything starts: the redirector would attach first.
+		errs = append(errs, fmt.Errorf("--redis: %w", err))
 	}
 	if c.Cgroup == "" {
 		errs = append(errs, errNoCgroup)

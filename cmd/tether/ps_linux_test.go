@@ -51,6 +51,11 @@ func TestPSAndAgentRejectBadFlags(t *testing.T) {
 		{[]string{"agent", "--server", "127.0.0.1:7000", "--id", "a1"}, "--expose"},
 		{[]string{"agent", "--server", "127.0.0.1:7000", "--id", "a1", "--expose", "80=nohostport"}, "not HOST:PORT"},
 		{[]string{"agent", "--id", "a1", "--expose", "80"}, "--server is required"},
+		// A bad registry address is refused before anything starts (the
+		// redirector would otherwise attach its programs first).
+		{[]string{"ps", "--id", "ps1", "--advertise", "127.0.0.1", "--redis", "http://127.0.0.1:6379"}, "--redis"},
+		{[]string{"redirector", "--cgroup", "/sys/fs/cgroup/unified/tether-no-such-cgroup", "--redis", "http://127.0.0.1:6379"}, "--redis"},
+		{[]string{"proxy", "--socks", "127.0.0.1:0", "--redis", "http://127.0.0.1:6379"}, "--redis"},
 	}
 	for _, c := range cases {
 		out, err := runTether(t, c.args...)
