@@ -331,6 +331,14 @@ func (p *PS) drain(ctx context.Context) {
 	if err := p.reg.Release(ctx, p.cfg.ID, pubs, time.Now().Add(p.cfg.Quarantine)); err != nil {
 		p.log.Warn("drain: release of the routes failed", "routes", len(pubs), "err", err)
 	}
+	// Keep serving new connections while the readers hear of the drain:
+	// a client host whose map still holds this PS would otherwise get a
+	// refusal from a port closed a few milliseconds too early.
+	settle := min(drainSettle, p.cfg.DrainTimeout/2)
+	select {
+	case <-ctx.Done():
+	case <-time.After(settle):
+	}
 	p.lnMu.Lock()
 	if p.ln != nil {
 		_ = p.ln.Close()
@@ -353,6 +361,12 @@ func (p *PS) drain(ctx context.Context) {
 	}
 	p.log.Info("drained", "took", time.Since(start).Round(time.Millisecond))
 }
+
+// drainSettle is how long a draining PS keeps accepting new connections
+// after it marked itself draining and withdrew its routes: the change feed
+// reaches readers in milliseconds, a redirector's map a little later; a
+// second covers a loaded host with a wide margin.
+const drainSettle = time.Second
 
 // waitZero polls n until it is zero or timeout passes.
 func waitZero(n interface{ Load() int64 }, timeout time.Duration) {
