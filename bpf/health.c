@@ -47,14 +47,8 @@ struct tcp_sock;
  */
 static __always_inline int redirected_backend(struct bpf_sock_ops *skops, struct route_key *key)
 {
-	struct bpf_sock *sk = skops->sk;
-	if (!sk)
-		return 0;
-	struct orig_dst *od = bpf_sk_storage_get(&tether_orig_dst, sk, 0, 0);
+	struct orig_dst *od = redirected_dst(skops);
 	if (!od)
-		return 0;
-	if (skops->remote_ip4 != od->backend_addr ||
-	    bpf_ntohl(skops->remote_port) != bpf_ntohs(od->backend_port))
 		return 0;
 	key->addr = od->backend_addr;
 	key->port = od->backend_port;

@@ -57,27 +57,6 @@ static __always_inline void intent_count(__u32 which)
 		*v += 1;
 }
 
-/*
- * redirected_dst returns the socket's tether_orig_dst when connect4/6
- * redirected it to the backend it is connecting to now. Checking the peer
- * against the recorded backend keeps a stale entry (a socket that failed to
- * connect and was connected again elsewhere) from lending its intent.
- * remote_port holds the port in network order in its upper 16 bits.
- */
-static __always_inline struct orig_dst *redirected_dst(struct bpf_sock_ops *skops)
-{
-	struct bpf_sock *sk = skops->sk;
-	if (!sk)
-		return 0;
-	struct orig_dst *od = bpf_sk_storage_get(&tether_orig_dst, sk, 0, 0);
-	if (!od)
-		return 0;
-	if (skops->remote_ip4 != od->backend_addr ||
-	    bpf_ntohl(skops->remote_port) != bpf_ntohs(od->backend_port))
-		return 0;
-	return od;
-}
-
 /* The SYN of an active open: SYN set, ACK clear. The current-MSS length
  * call has no packet (flags 0), so it never reserves: reserving there would
  * shrink every segment of the connection. */

@@ -286,17 +286,8 @@ func (p *PS) leaseTaken(err error) error {
 // refuses such writes anyway, see registry.ClaimPS).
 func (p *PS) abandon() {
 	p.draining.Store(true)
-	p.lnMu.Lock()
-	if p.ln != nil {
-		_ = p.ln.Close()
-	}
-	p.lnMu.Unlock()
-	_ = p.plane.Close()
-	p.mu.Lock()
-	for s := range p.sessions {
-		_ = s.tun.Close()
-	}
-	p.mu.Unlock()
+	p.stopAccepting()
+	p.closeTunnels(false)
 	waitZero(&p.conns, p.cfg.HandshakeTimeout+time.Second)
 	p.log.Info("stopped serving; the registry was left to the new holder of the id")
 }
@@ -339,27 +330,41 @@ func (p *PS) drain(ctx context.Context) {
 	case <-ctx.Done():
 	case <-time.After(settle):
 	}
+	p.stopAccepting()
+	waitZero(&p.inflight, p.cfg.DrainTimeout)
+	if n := p.inflight.Load(); n > 0 {
+		p.log.Warn("drain timeout: closing connections still in flight", "connections", n)
+	}
+	p.closeTunnels(true)
+	waitZero(&p.conns, p.cfg.HandshakeTimeout+time.Second)
+	if err := p.reg.Forget(ctx, p.cfg.ID); err != nil {
+		p.log.Warn("drain: forget failed", "err", err)
+	}
+	p.log.Info("drained", "took", time.Since(start).Round(time.Millisecond))
+}
+
+// stopAccepting closes the tunnel listener and every data port: no new
+// agent and no new client connection gets in.
+func (p *PS) stopAccepting() {
 	p.lnMu.Lock()
 	if p.ln != nil {
 		_ = p.ln.Close()
 	}
 	p.lnMu.Unlock()
 	_ = p.plane.Close()
-	waitZero(&p.inflight, p.cfg.DrainTimeout)
-	if n := p.inflight.Load(); n > 0 {
-		p.log.Warn("drain timeout: closing connections still in flight", "connections", n)
-	}
+}
+
+// closeTunnels closes every agent's tunnel; with goAway it tells the agent
+// first that no new stream will come.
+func (p *PS) closeTunnels(goAway bool) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	for s := range p.sessions {
-		_ = s.tun.GoAway()
+		if goAway {
+			_ = s.tun.GoAway()
+		}
 		_ = s.tun.Close()
 	}
-	p.mu.Unlock()
-	waitZero(&p.conns, p.cfg.HandshakeTimeout+time.Second)
-	if err := p.reg.Forget(ctx, p.cfg.ID); err != nil {
-		p.log.Warn("drain: forget failed", "err", err)
-	}
-	p.log.Info("drained", "took", time.Since(start).Round(time.Millisecond))
 }
 
 // drainSettle is how long a draining PS keeps accepting new connections

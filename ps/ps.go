@@ -437,17 +437,8 @@ func (p *PS) closeRefused(conn net.Conn, r *tunnel.Refuse) {
 // Close releases what New acquired. Run drains on its own when its context
 // ends; Close is for a PS whose Run never ran or has returned.
 func (p *PS) Close() error {
-	p.lnMu.Lock()
-	if p.ln != nil {
-		_ = p.ln.Close()
-	}
-	p.lnMu.Unlock()
-	_ = p.plane.Close()
-	p.mu.Lock()
-	for s := range p.sessions {
-		_ = s.tun.Close()
-	}
-	p.mu.Unlock()
+	p.stopAccepting()
+	p.closeTunnels(false)
 	if p.ownReg {
 		return p.reg.Close()
 	}

@@ -132,7 +132,7 @@ func silentListener(t *testing.T) netip.AddrPort {
 	return ap
 }
 
-// healthDial runs the test binary in cg as a client (TestHealthClientProcess)
+// healthDial runs the test binary in cg as a client (HealthClientMain)
 // that dials addr n times, each with timeout, and returns (ok, failed).
 func healthDial(t *testing.T, cg *testutil.Cgroup, addr netip.AddrPort, n int, timeout time.Duration) (int, int) {
 	t.Helper()
@@ -146,40 +146,18 @@ func healthDial(t *testing.T, cg *testutil.Cgroup, addr netip.AddrPort, n int, t
 
 func runHealthClient(t *testing.T, cg *testutil.Cgroup, spec string) string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	// -test.short: TestMain builds no binary for it.
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.short", "-test.run=^TestHealthClientProcess$", "-test.v")
-	cmd.Env = append(os.Environ(), "TETHER_TEST_HEALTH_CLIENT="+spec)
-	cmd.WaitDelay = time.Second
-	done := cg.Command(t, cmd)
-	defer done()
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("client in the cgroup: %v\n%s", err, out)
-	}
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.HasPrefix(l, "result ") {
-			return strings.TrimPrefix(l, "result ")
-		}
-	}
-	t.Fatalf("client printed no result:\n%s", out)
-	return ""
+	return RunClient(t, cg, "health", spec, "result ", time.Minute)
 }
 
-// TestHealthClientProcess is the client the health tests start inside
-// their cgroup (it does nothing in a normal run):
+// HealthClientMain is the client the health tests start inside their
+// cgroup:
 //
 //	dial,ADDR,N,TIMEOUT_MS  N connects one after the other, each closed at
 //	                        once; prints "result ok=X failed=Y"
 //	hold,FILE               connects to every address in FILE, prints
 //	                        "result held=X failed=Y", and keeps them open
 //	                        until killed
-func TestHealthClientProcess(t *testing.T) {
-	spec := os.Getenv("TETHER_TEST_HEALTH_CLIENT")
-	if spec == "" {
-		t.Skip("client of the passive health tests; runs only when started by them")
-	}
+func HealthClientMain(spec string) int {
 	f := strings.Split(spec, ",")
 	switch f[0] {
 	case "dial":
@@ -196,10 +174,12 @@ func TestHealthClientProcess(t *testing.T) {
 			ok++
 		}
 		fmt.Printf("result ok=%d failed=%d\n", ok, failed)
+		return 0
 	case "hold":
 		b, err := os.ReadFile(f[1])
 		if err != nil {
-			t.Fatal(err)
+			fmt.Println("error:", err)
+			return 1
 		}
 		var conns []net.Conn
 		failed := 0
@@ -213,7 +193,9 @@ func TestHealthClientProcess(t *testing.T) {
 		}
 		fmt.Printf("result held=%d failed=%d\n", len(conns), failed)
 		time.Sleep(time.Minute) // the test kills the cgroup when done
+		return 0
 	}
+	return 2
 }
 
 func (in *Installation) healthCounter(t *testing.T, name string) uint64 {
@@ -361,8 +343,8 @@ func TestDestroyHandlesMoreDeadBackendsThanTheDeadMapHolds(t *testing.T) {
 	if err := os.WriteFile(list, []byte(strings.Join(targets, "\n")), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(os.Args[0], "-test.short", "-test.run=^TestHealthClientProcess$", "-test.v")
-	cmd.Env = append(os.Environ(), "TETHER_TEST_HEALTH_CLIENT=hold,"+list)
+	cmd := exec.Command(os.Args[0], "-test.run=^$", "hold,"+list)
+	cmd.Env = append(os.Environ(), "TETHER_TEST_CLIENT=health")
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

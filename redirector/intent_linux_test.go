@@ -120,39 +120,17 @@ func synListener(t *testing.T) (netip.AddrPort, <-chan string) {
 	return ln.Addr().(*net.TCPAddr).AddrPort(), seen
 }
 
-// intentClient runs the test binary in cg as a client (TestIntentClient):
+// intentClient runs the test binary in cg as a client (intentClientMain):
 // it dials addr n times and prints what it got.
 func intentClient(t *testing.T, cg *testutil.Cgroup, addr string, n int) string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*clientTimeout)
-	defer cancel()
-	// -test.short: TestMain builds no binary for it.
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.short", "-test.run=^TestIntentClient$", "-test.v")
-	cmd.Env = append(os.Environ(), "TETHER_TEST_INTENT_CLIENT="+addr+","+strconv.Itoa(n))
-	cmd.WaitDelay = time.Second
-	done := cg.Command(t, cmd)
-	defer done()
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("client in the cgroup: %v\n%s", err, out)
-	}
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.HasPrefix(l, "answers ") {
-			return strings.TrimPrefix(l, "answers ")
-		}
-	}
-	t.Fatalf("client printed no answers:\n%s", out)
-	return ""
+	return redirector.RunClient(t, cg, "intent", addr+","+strconv.Itoa(n), "answers ", 3*clientTimeout)
 }
 
-// TestIntentClient is the client intentClient starts (it does nothing in a
-// normal run): each attempt dials, reads to EOF and counts the answer, or
-// "failed" for a refused or reset connection.
-func TestIntentClient(t *testing.T) {
-	spec := os.Getenv("TETHER_TEST_INTENT_CLIENT")
-	if spec == "" {
-		t.Skip("client of the intent tests; runs only when started by them")
-	}
+// intentClientMain is the client intentClient starts (spec ADDR,N): each
+// attempt dials, reads to EOF and counts the answer, or "failed" for a
+// refused or reset connection.
+func intentClientMain(spec string) int {
 	addr, ns, _ := strings.Cut(spec, ",")
 	n, _ := strconv.Atoi(ns)
 	counts := map[string]int{}
@@ -177,6 +155,7 @@ func TestIntentClient(t *testing.T) {
 		parts = append(parts, fmt.Sprintf("%s=%d", k, v))
 	}
 	fmt.Printf("answers %s per_conn=%v\n", strings.Join(parts, " "), time.Since(start)/time.Duration(max(n, 1)))
+	return 0
 }
 
 // The option is on the SYN of redirected connections only, and names the

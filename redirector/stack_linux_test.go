@@ -146,6 +146,10 @@ func clientMain(mode, addr string) int {
 			}
 		}
 		return 0
+	case "intent":
+		return intentClientMain(addr)
+	case "health":
+		return redirector.HealthClientMain(addr)
 	}
 	return 2
 }

@@ -156,7 +156,11 @@ func (j *leaseJudge) longestLocked() time.Duration {
 func (j *leaseJudge) Now() time.Time {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	now := j.now()
+	return j.nowLocked(j.now())
+}
+
+// nowLocked is J at real time now.
+func (j *leaseJudge) nowLocked(now time.Time) time.Time {
 	if j.lastContact.IsZero() {
 		// Nothing read yet: there is nothing to judge either.
 		return j.advance(now)
@@ -182,13 +186,8 @@ func (j *leaseJudge) state() (blind bool, lag time.Duration) {
 	if j.lastContact.IsZero() {
 		return false, 0
 	}
-	stale := j.staleAfterLocked()
-	blind = now.Sub(j.lastContact) > stale
-	cur := minTime(now, j.lastContact.Add(stale)).Add(-j.offset)
-	if cur.Before(j.last) {
-		cur = j.last
-	}
-	return blind, max(now.Sub(cur), 0)
+	blind = now.Sub(j.lastContact) > j.staleAfterLocked()
+	return blind, max(now.Sub(j.nowLocked(now)), 0)
 }
 
 func minTime(a, b time.Time) time.Time {

@@ -1,13 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -24,25 +22,6 @@ func writeConfig(t *testing.T, name, body string) string {
 		t.Fatal(err)
 	}
 	return p
-}
-
-// lockedBuffer is a bytes.Buffer a running daemon may log into while the
-// test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // sharedConfig is one file for a host that runs a PS and a redirector: the
@@ -82,7 +61,7 @@ func TestOneConfigFileServesPSAndRedirector(t *testing.T) {
 	// The PS runs from it: it listens where the file says, and publishes
 	// its lease under the file's --redis-prefix at the host:port address.
 	ctx, cancel := context.WithCancel(context.Background())
-	var log lockedBuffer
+	var log testutil.SyncBuffer
 	done := make(chan error, 1)
 	go func() {
 		root := newRootCmd()

@@ -23,7 +23,7 @@ import (
 type Proc struct {
 	Name string
 	Cmd  *exec.Cmd
-	out  syncBuffer
+	out  SyncBuffer
 	done chan struct{}
 }
 
@@ -96,18 +96,20 @@ func (p *Proc) RSS(t testing.TB) int64 {
 	return 0
 }
 
-type syncBuffer struct {
+// SyncBuffer is a bytes.Buffer that a running process or daemon may write
+// into while the test reads it.
+type SyncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (s *syncBuffer) Write(b []byte) (int, error) {
+func (s *SyncBuffer) Write(b []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Write(b)
 }
 
-func (s *syncBuffer) String() string {
+func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
