@@ -50,11 +50,13 @@ bench: build ## benchmarks, as ratios against a baseline measured in the same ru
 	$(GO) run ./test/bench/tunnel
 	$(GO) run ./test/bench/redirector
 	$(GO) run ./test/bench/proxy
+	$(GO) run ./test/bench/scale
 
 bench-smoke: build ## the benchmarks in seconds, checking they still run and measure (CI runs this)
 	$(GO) run ./test/bench/tunnel -smoke
 	$(GO) run ./test/bench/redirector -smoke
 	$(GO) run ./test/bench/proxy -smoke
+	$(GO) run ./test/bench/scale -smoke
 
 fuzz-smoke: ## every fuzz target for a few seconds (FUZZTIME=5s; CI runs this)
 	bash scripts/fuzz-smoke.sh

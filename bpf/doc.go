@@ -6,7 +6,10 @@
 // >= 6.5, so it is an object of its own and the redirect loads without it).
 // health.c: sockops passive health, marking backends whose redirected
 // connects are refused or get no SYN-ACK (health.h holds the maps it shares
-// with redirect.c). tether.h holds what all share. The generated objects are committed, so
+// with redirect.c). sklookup.c: the PS's one-socket data plane, an
+// sk_lookup program that hands a TCP connection to an open (address, port)
+// pair to the PS's listener of that family. tether.h holds what the
+// redirector's programs share. The generated objects are committed, so
 // building tether needs no clang; `make generate` rebuilds them with clang 14
 // (pinned in gen.go, so that they regenerate byte for byte).
 //
@@ -22,4 +25,12 @@
 //	tether_health_counters PERCPU_ARRAY  passive health counters, indexed by enum health_counter
 //
 // Addresses and ports in the maps are in network byte order.
+//
+// The PS's maps are never pinned: they, the program and its network
+// namespace link live exactly as long as the PS process (a restarted PS
+// leaves no steering behind):
+//
+//	tether_pairs     HASH        steer_key{addr[16] (IPv4 v4-mapped), port (host order)} -> listener slot
+//	tether_socks     SOCKMAP     slot 0: the IPv4 listener, 1: the IPv6 listener
+//	tether_steer_ct  PERCPU_ARRAY steered, assign_failed
 package bpf

@@ -10,3 +10,4 @@ package bpf
 //go:generate bpf2go Destroy destroy.c
 //go:generate bpf2go -type intent_counter Intent intent.c
 //go:generate bpf2go -type health_counter -type health_config_slot Health health.c
+//go:generate bpf2go -type steer_key -type steer_counter -type steer_socket Sklookup sklookup.c

@@ -281,8 +281,8 @@ func TestUnitCheckFailsOnUnknownKeyAndMisspeltCapability(t *testing.T) {
 	}{
 		{"unknown key", "KillSignal=SIGTERM", "KillSignal=SIGTERM\nRestartSecs=2s", "Unknown key"},
 		{"key in the wrong section", "KillSignal=SIGTERM", "KillSignal=SIGTERM\nStartLimitIntervalSec=60s", "Unknown key"},
-		{"misspelt capability", "CapabilityBoundingSet=\n", "CapabilityBoundingSet=CAP_NET_BIND_SERVIC\n", "CAP_NET_BIND_SERVIC is not a Linux capability"},
-		{"ambient outside the bounding set", "AmbientCapabilities=\n", "AmbientCapabilities=CAP_NET_BIND_SERVICE\n", "not in CapabilityBoundingSet"},
+		{"misspelt capability", "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN\n", "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMN\n", "CAP_NET_ADMN is not a Linux capability"},
+		{"ambient outside the bounding set", "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN\n", "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n", "not in CapabilityBoundingSet"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bad := bytes.Replace(good, []byte(tc.from), []byte(tc.to), 1)
@@ -404,5 +404,138 @@ func TestSysusersCreatesTheServiceUser(t *testing.T) {
 	}
 	if !found {
 		t.Fatal(`tether.sysusers.conf has no "u tether ..." line: User=tether would not exist`)
+	}
+}
+
+// syscallGroups expands systemd's system call groups (@system-service,
+// @privileged, ...) into system call names with systemd-analyze
+// syscall-filter, nested groups included: the groups are systemd's, and
+// change between its versions.
+type syscallGroups struct {
+	analyze string
+	cache   map[string]map[string]bool
+}
+
+func (g *syscallGroups) expand(name string) (map[string]bool, error) {
+	if !strings.HasPrefix(name, "@") {
+		return map[string]bool{name: true}, nil
+	}
+	if set, ok := g.cache[name]; ok {
+		return set, nil
+	}
+	out, err := exec.Command(g.analyze, "syscall-filter", "--no-pager", name).Output()
+	if err != nil {
+		return nil, fmt.Errorf("systemd-analyze syscall-filter %s: %w", name, err)
+	}
+	lines := strings.Split(string(out), "\n")
+	if strings.TrimSpace(lines[0]) != name {
+		return nil, fmt.Errorf("systemd-analyze syscall-filter %s: no such group (got %q)", name, lines[0])
+	}
+	set := map[string]bool{}
+	for _, l := range lines[1:] {
+		l = strings.TrimSpace(l)
+		if l == "" || strings.HasPrefix(l, "#") {
+			continue
+		}
+		sub, err := g.expand(l)
+		if err != nil {
+			return nil, err
+		}
+		for c := range sub {
+			set[c] = true
+		}
+	}
+	if g.cache == nil {
+		g.cache = map[string]map[string]bool{}
+	}
+	g.cache[name] = set
+	return set, nil
+}
+
+// syscallFilterAllows evaluates a unit's SystemCallFilter= lines as systemd
+// does: the first line makes the filter an allow list, or with "~" a deny
+// list; each later line of the same kind adds its calls to the list, each
+// line of the other kind removes them. So the order matters: an allow list
+// that names bpf and then denies @privileged denies bpf.
+func syscallFilterAllows(g *syscallGroups, lines []string, call string) (bool, error) {
+	if len(lines) == 0 {
+		return true, nil
+	}
+	allowList := !strings.HasPrefix(lines[0], "~")
+	listed := map[string]bool{}
+	for _, l := range lines {
+		deny := strings.HasPrefix(l, "~")
+		fields := strings.Fields(strings.TrimPrefix(l, "~"))
+		if len(fields) == 0 {
+			return false, fmt.Errorf("SystemCallFilter=%q resets the filter: this check does not model that", l)
+		}
+		for _, name := range fields {
+			name, _, _ = strings.Cut(name, ":") // a ":errno" suffix
+			calls, err := g.expand(name)
+			if err != nil {
+				return false, err
+			}
+			for c := range calls {
+				if deny != allowList { // a line of the list's own kind
+					listed[c] = true
+				} else {
+					delete(listed, c)
+				}
+			}
+		}
+	}
+	return listed[call] == allowList, nil
+}
+
+// bpf(2) is allowed to exactly the units that load BPF programs: the PS
+// (the sk_lookup data plane) and the redirector. systemd-analyze verify
+// says nothing about a filter that denies what the capabilities grant: the
+// PS would hold CAP_BPF and get EPERM from seccomp (and auto would fall
+// back to listeners without anyone asking for it).
+func TestSystemCallFilterAllowsBPFExactlyWhereNeeded(t *testing.T) {
+	analyze := requireTool(t, "systemd-analyze")
+	g := &syscallGroups{analyze: analyze}
+
+	// The evaluator itself, on the PS's filter before and after issue 12:
+	// bpf listed first and then @privileged denied is no bpf at all.
+	for _, tc := range []struct {
+		lines []string
+		want  bool
+	}{
+		{[]string{"@system-service", "~@privileged @resources"}, false},
+		{[]string{"@system-service bpf", "~@privileged @resources"}, false},
+		{[]string{"@system-service", "~@privileged @resources", "bpf"}, true},
+		{[]string{"~@privileged", "bpf"}, true},
+	} {
+		got, err := syscallFilterAllows(g, tc.lines, "bpf")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != tc.want {
+			t.Errorf("SystemCallFilter %q allows bpf: got %v, want %v", tc.lines, got, tc.want)
+		}
+	}
+
+	needsBPF := map[string]bool{"ps": true, "redirector": true}
+	for _, role := range roles {
+		data, err := os.ReadFile(unitPath(role))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds, err := parseUnit(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		filter := values(ds, "Service", "SystemCallFilter")
+		allows, err := syscallFilterAllows(g, filter, "bpf")
+		if err != nil {
+			t.Fatalf("%s: %v", unitPath(role), err)
+		}
+		switch {
+		case needsBPF[role] && !allows:
+			t.Errorf("%s: SystemCallFilter %q denies bpf(2), which it needs", unitPath(role), filter)
+		case !needsBPF[role] && allows:
+			t.Errorf("%s: SystemCallFilter %q allows bpf(2), which it has no use for", unitPath(role), filter)
+		}
 	}
 }

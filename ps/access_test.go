@@ -177,7 +177,7 @@ func TestTLSTunnelsEndToEnd(t *testing.T) {
 // insecure PS accepts agents without a token and says so in its metrics.
 func TestInsecureMustBeExplicit(t *testing.T) {
 	cfg := ps.DefaultConfig()
-	cfg.ID, cfg.Advertise, cfg.Redis = "ps1", "127.0.0.1", "redis://127.0.0.1:1/0"
+	cfg.ID, cfg.Advertise, cfg.Redis = "ps1", []string{"127.0.0.1"}, "redis://127.0.0.1:1/0"
 	t.Setenv(cliconfig.TokenEnv, "")
 	if _, err := ps.New(cfg); err == nil || !strings.Contains(err.Error(), "no agent credentials") {
 		t.Fatalf("a ps without credentials: %v, want an error naming the missing credentials", err)

@@ -265,24 +265,24 @@ func (p *PS) applyQuota(a *admission, eligible []int) (need []int) {
 	return need
 }
 
-// allocate gives each endpoint of need a fresh port in one pass. Fresh
+// allocate gives each endpoint of need a fresh (address, port) in one pass. Fresh
 // bindings are visible to the data path before they are published, so a
 // client that learns the port at once waits for the session instead of
 // being reset.
 func (p *PS) allocate(a *admission, need []int) {
-	ports, err := p.alloc.allocate(len(need), func(port uint16) error { return p.plane.Open(port) })
+	pairs, err := p.alloc.allocate(len(need), p.plane.Open)
 	for k, i := range need {
-		if k >= len(ports) {
+		if k >= len(pairs) {
 			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeNoPorts, Reason: err.Error()}
 			continue
 		}
-		b := &binding{port: ports[k], target: a.hello.Endpoints[i], agentID: a.hello.AgentID, ready: make(chan struct{})}
+		b := &binding{at: pairs[k], target: a.hello.Endpoints[i], agentID: a.hello.AgentID, ready: make(chan struct{})}
 		a.chosen[i] = b
 		a.fresh = append(a.fresh, b)
 	}
 	p.bmu.Lock()
 	for _, b := range a.fresh {
-		p.bindings[b.port] = b
+		p.bindings[b.at] = b
 	}
 	p.bmu.Unlock()
 }
@@ -294,7 +294,7 @@ func (p *PS) publish(ctx context.Context, a *admission) error {
 	idx := make([]int, 0, len(a.chosen))
 	for i, b := range a.chosen {
 		if b != nil {
-			pubs = append(pubs, registry.Publication{Target: b.target, Port: b.port, AgentID: a.hello.AgentID, Owner: a.cred.key})
+			pubs = append(pubs, registry.Publication{Target: b.target, Addr: b.at.Addr(), Port: b.at.Port(), AgentID: a.hello.AgentID, Owner: a.cred.key})
 			idx = append(idx, i)
 		}
 	}
@@ -320,10 +320,13 @@ func (p *PS) publish(ctx context.Context, a *admission) error {
 func (p *PS) welcome(conn net.Conn, a *admission) (*tunnel.PSSession, error) {
 	for i, b := range a.chosen {
 		if b != nil {
-			a.results[i] = tunnel.EndpointResult{Port: b.port}
+			a.results[i] = tunnel.EndpointResult{Port: b.at.Port()}
 		}
 	}
-	w := &tunnel.Welcome{PSID: p.cfg.ID, PSAddr: p.advertise, Endpoints: a.results}
+	// The Welcome names the primary address; an endpoint's port may be on
+	// another advertise address. The agent uses the port only to name the
+	// route in a lost-tunnel report, where (target, ps, port) is unique.
+	w := &tunnel.Welcome{PSID: p.cfg.ID, PSAddr: p.advertise[0], Endpoints: a.results}
 	if err := tunnel.WriteWelcome(conn, w); err != nil {
 		return nil, fmt.Errorf("%w: could not send welcome: %w", errClosed, err)
 	}

@@ -28,7 +28,29 @@ import (
 // sized so that quarantine, not the range, sets when a port is reused. With
 // the quarantine shorter than the readers' staleness (say 1.2s) this test
 // sees hundreds of misroutes.
+//
+// It runs against both data planes: with sk_lookup, releasing a pair is a
+// map delete and reusing it a map update, and the pairs spread over two
+// advertise addresses, so the quarantine is checked per (address, port).
 func TestPortChurnNeverMisroutes(t *testing.T) {
+	for _, plane := range []struct {
+		name      string
+		advertise []string
+		ports     int // per address: 16 pairs in all either way
+	}{
+		{ps.DataPlaneSKLookup, []string{"127.0.0.1", "127.0.0.2"}, 8},
+		{ps.DataPlaneListeners, []string{"127.0.0.1"}, 16},
+	} {
+		t.Run(plane.name, func(t *testing.T) {
+			if plane.name == ps.DataPlaneSKLookup {
+				testutil.RequirePrivateNetns(t)
+			}
+			testPortChurn(t, plane.name, plane.advertise, plane.ports)
+		})
+	}
+}
+
+func testPortChurn(t *testing.T, plane string, advertise []string, ports int) {
 	rd := testutil.StartRedis(t)
 	const (
 		agents    = 5
@@ -37,7 +59,9 @@ func TestPortChurnNeverMisroutes(t *testing.T) {
 		run       = 10 * time.Second
 	)
 	node := tunneltest.StartPS(t, rd.URL(), "ps1", func(c *ps.Config) {
-		c.Ports = tunneltest.FreeRange(t, 16)
+		c.Ports = tunneltest.FreeRange(t, ports)
+		c.Advertise = advertise
+		c.DataPlane = plane
 		c.Lease = lease
 		c.Renew = 100 * time.Millisecond
 		c.Quarantine = lease + staleness + 300*time.Millisecond // > lease + reader staleness
@@ -115,7 +139,7 @@ func (c *churn) agentLoop(ctx context.Context, i int) {
 // port that passes from one agent's target to another's: without such
 // reuse a stale mapping could not misroute, and the test proves nothing.
 func (c *churn) observeReuse(ctx context.Context) {
-	last := map[uint16]netip.AddrPort{}
+	last := map[netip.AddrPort]netip.AddrPort{}
 	for ctx.Err() == nil {
 		ports, err := c.reg.PortsInUse(ctx, "ps1")
 		if err == nil {

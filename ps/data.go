@@ -13,14 +13,14 @@ import (
 // OpenTimeout bounds opening a stream on a tunnel for a client connection.
 const OpenTimeout = 5 * time.Second
 
-// handleConn carries a client connection that arrived on port over the
-// tunnel of the agent that owns the port. It is the connHandler of the PS's
+// handleConn carries a client connection that arrived on the PS address
+// and port at over the tunnel of the agent that owns the pair. It is the connHandler of the PS's
 // data plane.
-func (p *PS) handleConn(port uint16, c net.Conn, load connLoad) {
+func (p *PS) handleConn(at netip.AddrPort, c net.Conn, load connLoad) {
 	src := addrPortOf(c.RemoteAddr())
 	if !p.allow.Allows(src.Addr()) {
 		p.m.clientsRejected.Inc()
-		p.log.Debug("client outside --allow-clients", "port", port, "client", src.String())
+		p.log.Debug("client outside --allow-clients", "at", at.String(), "client", src.String())
 		reset(c)
 		return
 	}
@@ -32,7 +32,7 @@ func (p *PS) handleConn(port uint16, c net.Conn, load connLoad) {
 		return
 	}
 	p.bmu.RLock()
-	b := p.bindings[port]
+	b := p.bindings[at]
 	p.bmu.RUnlock()
 	if b == nil {
 		p.m.streamErrors.WithLabelValues("no_route").Inc()
@@ -41,7 +41,7 @@ func (p *PS) handleConn(port uint16, c net.Conn, load connLoad) {
 	}
 	// Before anything reaches the agent: a connection meant for another
 	// target is reset here (intent.go).
-	if !p.intentAllows(port, c, b.target, src) {
+	if !p.intentAllows(at, c, b.target, src) {
 		reset(c)
 		return
 	}
@@ -94,7 +94,7 @@ func (p *PS) handleConn(port uint16, c net.Conn, load connLoad) {
 // holds goroutines, sockets and a yamux stream: the caps bound how many.
 func (p *PS) overLimit(load connLoad) string {
 	switch {
-	case load.port > int64(p.cfg.MaxConnsPerPort):
+	case load.pair > int64(p.cfg.MaxConnsPerPort):
 		return "port_limit"
 	case load.total > int64(p.cfg.MaxConns):
 		return "total_limit"

@@ -7,43 +7,45 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// connHandler is told "a connection arrived for local port P", and how
-// loaded the data plane is with it. It owns c.
-type connHandler func(port uint16, c net.Conn, load connLoad)
+// connHandler is told "a connection arrived for the PS address and port
+// at", and how loaded the data plane is with it. It owns c.
+type connHandler func(at netip.AddrPort, c net.Conn, load connLoad)
 
 // connLoad is how many client connections the data plane was carrying
-// when it handed one out, that one included: on its port and on all
-// ports. The plane counts (it sees each connection's whole life, from
+// when it handed one out, that one included: on its (address, port) and
+// on all of them. The plane counts (it sees each connection's whole life, from
 // accept to the handler's return); the PS decides what is too many.
 type connLoad struct {
-	port, total int64
+	pair, total int64
 }
 
 // dataPlane is the PS's accept path for client connections. The PS asks
-// it to start and stop accepting on ports; it calls the connHandler for
-// each connection, with the load counted until the handler returns. This
-// is the whole interface, so that one socket steered by an sk_lookup
-// program can replace the per-port listeners below without the rest of the
-// PS noticing.
+// it to start and stop accepting on (address, port) pairs of its advertise
+// addresses; it calls the connHandler for each connection, with the load
+// counted until the handler returns. This is the whole interface: the
+// per-port listeners below and one socket steered by an sk_lookup program
+// (skplane_linux.go) are interchangeable behind it.
 type dataPlane interface {
-	// Open starts accepting on port; an error means the port cannot be
-	// used (the OS refused the bind).
-	Open(port uint16) error
-	// Release stops accepting on port.
-	Release(port uint16)
-	// Close stops accepting on every port.
+	// Open starts accepting on at; an error means the pair cannot be used
+	// (the OS refused the bind, the steering map is full).
+	Open(at netip.AddrPort) error
+	// Release stops accepting on at: a new connection to it is refused.
+	Release(at netip.AddrPort)
+	// Close stops accepting on every pair.
 	Close() error
+	// Name is the plane's name as --data-plane spells it.
+	Name() string
 }
 
-// listenerPlane is a dataPlane with one listening socket per port.
+// listenerPlane is a dataPlane with one listening socket per pair: the
+// fallback where sk_lookup cannot load. Each idle endpoint costs a file
+// descriptor and an accept goroutine.
 type listenerPlane struct {
-	addr    netip.Addr
 	handler connHandler
 	log     *slog.Logger
 	saveSYN bool
@@ -51,7 +53,7 @@ type listenerPlane struct {
 	active atomic.Int64 // connections handed out and not yet returned
 
 	mu     sync.Mutex
-	lns    map[uint16]*portListener
+	lns    map[netip.AddrPort]*portListener
 	closed bool
 	wg     sync.WaitGroup
 }
@@ -67,20 +69,22 @@ type portListener struct {
 
 // newListenerPlane builds the per-port data plane; with saveSYN every
 // listener keeps each connection's SYN for the intent check (intent.go).
-func newListenerPlane(addr netip.Addr, h connHandler, log *slog.Logger, saveSYN bool) *listenerPlane {
-	return &listenerPlane{addr: addr, handler: h, log: log, saveSYN: saveSYN, lns: map[uint16]*portListener{}}
+func newListenerPlane(h connHandler, log *slog.Logger, saveSYN bool) *listenerPlane {
+	return &listenerPlane{handler: h, log: log, saveSYN: saveSYN, lns: map[netip.AddrPort]*portListener{}}
 }
+
+func (p *listenerPlane) Name() string { return DataPlaneListeners }
 
 var errPlaneClosed = errors.New("data plane closed")
 
-func (p *listenerPlane) Open(port uint16) error {
+func (p *listenerPlane) Open(at netip.AddrPort) error {
 	var lc net.ListenConfig
 	if p.saveSYN {
 		lc.Control = SaveSYN
 	}
-	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(p.addr.String(), strconv.Itoa(int(port))))
+	ln, err := lc.Listen(context.Background(), "tcp", at.String())
 	if err != nil {
-		return fmt.Errorf("listen on port %d: %w", port, err)
+		return fmt.Errorf("listen on %s: %w", at, err)
 	}
 	p.mu.Lock()
 	if p.closed {
@@ -89,14 +93,14 @@ func (p *listenerPlane) Open(port uint16) error {
 		return errPlaneClosed
 	}
 	pl := &portListener{ln: ln}
-	p.lns[port] = pl
+	p.lns[at] = pl
 	p.wg.Add(1)
 	p.mu.Unlock()
-	go p.serve(port, pl)
+	go p.serve(at, pl)
 	return nil
 }
 
-func (p *listenerPlane) serve(port uint16, pl *portListener) {
+func (p *listenerPlane) serve(at netip.AddrPort, pl *portListener) {
 	defer p.wg.Done()
 	var delay time.Duration
 	for {
@@ -108,26 +112,26 @@ func (p *listenerPlane) serve(port uint16, pl *portListener) {
 			// Out of file descriptors and the like: back off briefly
 			// instead of spinning, as net/http does.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept failed", "port", port, "err", err, "retry_in", delay)
+			p.log.Warn("accept failed", "at", at.String(), "err", err, "retry_in", delay)
 			time.Sleep(delay)
 			continue
 		}
 		delay = 0
-		load := connLoad{port: pl.active.Add(1), total: p.active.Add(1)}
+		load := connLoad{pair: pl.active.Add(1), total: p.active.Add(1)}
 		go func() {
 			defer func() {
 				pl.active.Add(-1)
 				p.active.Add(-1)
 			}()
-			p.handler(port, c, load)
+			p.handler(at, c, load)
 		}()
 	}
 }
 
-func (p *listenerPlane) Release(port uint16) {
+func (p *listenerPlane) Release(at netip.AddrPort) {
 	p.mu.Lock()
-	pl := p.lns[port]
-	delete(p.lns, port)
+	pl := p.lns[at]
+	delete(p.lns, at)
 	p.mu.Unlock()
 	if pl != nil {
 		_ = pl.ln.Close()
@@ -138,11 +142,33 @@ func (p *listenerPlane) Close() error {
 	p.mu.Lock()
 	p.closed = true
 	lns := p.lns
-	p.lns = map[uint16]*portListener{}
+	p.lns = map[netip.AddrPort]*portListener{}
 	p.mu.Unlock()
 	for _, pl := range lns {
 		_ = pl.ln.Close()
 	}
 	p.wg.Wait()
 	return nil
+}
+
+// newDataPlane builds the plane --data-plane asks for, steering up to
+// capacity pairs. auto tries sk_lookup (one socket, no file descriptor or
+// goroutine per endpoint) and falls back to the per-port listeners where
+// it cannot load (kernel before 5.9, no CAP_BPF and CAP_NET_ADMIN), saying
+// why; sk_lookup asked for by name fails instead of falling back.
+func (p *PS) newDataPlane(capacity int) (dataPlane, error) {
+	saveSYN := p.cfg.Intent != IntentOff
+	if p.cfg.DataPlane == DataPlaneListeners {
+		return newListenerPlane(p.handleConn, p.log, saveSYN), nil
+	}
+	sk, err := newSKLookupPlane(p.advertise, capacity, p.handleConn, p.log, saveSYN)
+	switch {
+	case err == nil:
+		p.log.Info("data plane: sk_lookup steers every assigned address:port to one socket", "capacity", capacity, "asked", p.cfg.DataPlane)
+		return sk, nil
+	case p.cfg.DataPlane == DataPlaneSKLookup:
+		return nil, fmt.Errorf("--data-plane %s: %w", DataPlaneSKLookup, err)
+	}
+	p.log.Warn("data plane: sk_lookup unavailable, falling back to a listening socket per port (each endpoint costs a file descriptor)", "reason", err.Error())
+	return newListenerPlane(p.handleConn, p.log, saveSYN), nil
 }

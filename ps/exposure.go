@@ -112,7 +112,9 @@ func (p *PS) reservedAddrs(ctx context.Context, regAddrs []netip.Addr) map[netip
 	}
 	// The most specific description wins for an address that is several
 	// things (on one host, the registry and the ps may share 127.0.0.1).
-	add(p.advertise, "this ps ("+p.cfg.ID+")")
+	for _, a := range p.advertise {
+		add(a, "this ps ("+p.cfg.ID+")")
+	}
 	for _, a := range regAddrs {
 		add(a, "the registry")
 	}
@@ -129,6 +131,9 @@ func (p *PS) reservedAddrs(ctx context.Context, regAddrs []netip.Addr) map[netip
 	}
 	for id, l := range leases {
 		add(l.Addr, "ps "+id)
+		for _, a := range l.Addrs {
+			add(a, "ps "+id)
+		}
 	}
 	if addrs, err := net.InterfaceAddrs(); err == nil {
 		for _, ia := range addrs {

@@ -83,7 +83,7 @@ func TestSecondInstanceOfAnIDIsRefused(t *testing.T) {
 
 	loop := startAskLoop(be.Address.String(), "agent-a1")
 	cfg := ps.DefaultConfig()
-	cfg.ID, cfg.Listen, cfg.Advertise, cfg.Redis = "ps1", "127.0.0.1:0", "127.0.0.2", rd.URL()
+	cfg.ID, cfg.Listen, cfg.Advertise, cfg.Redis = "ps1", "127.0.0.1:0", []string{"127.0.0.2"}, rd.URL()
 	cfg.Ports = tunneltest.FreeRange(t, 20)
 	cfg.TokenFile = tunneltest.WriteTokens(t, tunneltest.Token+" * "+tunneltest.AgentRange+"\n")
 	shortLease(&cfg)
@@ -124,7 +124,7 @@ func TestSecondInstanceOfAnIDIsRefused(t *testing.T) {
 func TestATakenOverPSStopsServingAndExits(t *testing.T) {
 	rd := testutil.StartRedis(t)
 	cfg := ps.DefaultConfig()
-	cfg.ID, cfg.Listen, cfg.Advertise, cfg.Redis = "ps1", "127.0.0.1:0", "127.0.0.1", rd.URL()
+	cfg.ID, cfg.Listen, cfg.Advertise, cfg.Redis = "ps1", "127.0.0.1:0", []string{"127.0.0.1"}, rd.URL()
 	cfg.Ports = tunneltest.FreeRange(t, 20)
 	cfg.TokenFile = tunneltest.WriteTokens(t, tunneltest.Token+" * "+tunneltest.AgentRange+"\n")
 	cfg.AgentCIDRs = []string{tunneltest.AgentRange}
@@ -183,7 +183,7 @@ func TestATakenOverPSStopsServingAndExits(t *testing.T) {
 	if !found {
 		t.Errorf("the route under ps1 was withdrawn by the taken-over PS: %+v", snap.Routes)
 	}
-	if used, err := reg.PortsInUse(context.Background(), "ps1"); err != nil || used[be.Address.Port()] != target {
+	if used, err := reg.PortsInUse(context.Background(), "ps1"); err != nil || used[be.Address] != target {
 		t.Errorf("port index after the exit: %v, %v", used, err)
 	}
 }

@@ -169,7 +169,7 @@ func SavedSYN(c net.Conn) ([]byte, error) {
 // intentAllows checks the intent in c's SYN against want, the target the
 // binding of port delivers to, and says whether c may be delivered; the
 // caller resets it when not. Counted in tether_ps_intent_total.
-func (p *PS) intentAllows(port uint16, c net.Conn, want, client netip.AddrPort) bool {
+func (p *PS) intentAllows(at netip.AddrPort, c net.Conn, want, client netip.AddrPort) bool {
 	mode := p.cfg.Intent
 	if mode == IntentOff {
 		return true
@@ -183,7 +183,7 @@ func (p *PS) intentAllows(port uint16, c net.Conn, want, client netip.AddrPort) 
 	if err != nil {
 		// A SYN we cannot read or parse carries no intent we can trust;
 		// it is treated as one without intent.
-		p.log.Debug("no intent read from the SYN", "port", port, "client", client.String(), "err", err)
+		p.log.Debug("no intent read from the SYN", "at", at.String(), "client", client.String(), "err", err)
 	}
 	switch {
 	case found && got == netip.AddrPortFrom(want.Addr().Unmap(), want.Port()):
@@ -193,7 +193,7 @@ func (p *PS) intentAllows(port uint16, c net.Conn, want, client netip.AddrPort) 
 		p.m.intent.mismatch.Inc()
 		if p.m.intent.warn.allow(time.Now()) {
 			p.log.Warn("connection reset: its intended target is not the one this port serves (stale route on the client)",
-				"port", port, "intent", got.String(), "binding", want.String(), "client", client.String(),
+				"at", at.String(), "intent", got.String(), "binding", want.String(), "client", client.String(),
 				"suppressed", p.m.intent.warn.takeSuppressed())
 		}
 		return false

@@ -168,7 +168,7 @@ func TestIntentAbsentOnAPlainConnection(t *testing.T) {
 		result  string
 	}{{"verify", true, "absent"}, {"", true, "absent"}, {"require", false, "refused_absent"}, {"off", true, ""}} {
 		p, reg := intentPS(t, c.mode)
-		if got := p.intentAllows(1, acceptPair(t), want, client); got != c.deliver {
+		if got := p.intentAllows(netip.MustParseAddrPort("127.0.0.1:1"), acceptPair(t), want, client); got != c.deliver {
 			t.Errorf("--intent %q: delivered %v, want %v", c.mode, got, c.deliver)
 		}
 		for _, r := range []string{"match", "mismatch", "absent", "refused_absent"} {
@@ -244,11 +244,11 @@ func synCookiesChild(t *testing.T) {
 	}
 	want := netip.MustParseAddrPort("127.77.0.1:9100")
 	p, reg := intentPS(t, "verify")
-	if !p.intentAllows(1, s, want, netip.AddrPort{}) || testutil.MetricValue(t, reg, "tether_ps_intent_total", "result", "absent") != 1 {
+	if !p.intentAllows(netip.MustParseAddrPort("127.0.0.1:1"), s, want, netip.AddrPort{}) || testutil.MetricValue(t, reg, "tether_ps_intent_total", "result", "absent") != 1 {
 		t.Error("verify: a connection made from a SYN cookie was not delivered as absent")
 	}
 	p, reg = intentPS(t, "require")
-	if p.intentAllows(1, acceptPair(t), want, netip.AddrPort{}) || testutil.MetricValue(t, reg, "tether_ps_intent_total", "result", "refused_absent") != 1 {
+	if p.intentAllows(netip.MustParseAddrPort("127.0.0.1:1"), acceptPair(t), want, netip.AddrPort{}) || testutil.MetricValue(t, reg, "tether_ps_intent_total", "result", "refused_absent") != 1 {
 		t.Error("require: a connection made from a SYN cookie was not refused")
 	}
 }

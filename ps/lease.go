@@ -26,7 +26,7 @@ func (p *PS) claim(ctx context.Context) error {
 	var first *registry.LeaseHeldError
 	for attempt := 0; ; attempt++ {
 		rctx, cancel := context.WithTimeout(ctx, p.cfg.Lease)
-		err := p.reg.ClaimPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: registry.PSActive, TTL: p.cfg.Lease, Nonce: p.nonce})
+		err := p.reg.ClaimPS(rctx, p.lease(registry.PSActive))
 		cancel()
 		var held *registry.LeaseHeldError
 		wait := p.cfg.Renew
@@ -213,36 +213,39 @@ func (p *PS) resync(ctx context.Context) error {
 		return err
 	}
 	type local struct {
-		target netip.AddrPort
-		agent  string
+		target       netip.AddrPort
+		agent, owner string
 	}
-	have := map[uint16]local{}
+	have := map[netip.AddrPort]local{}
 	p.bmu.RLock()
-	for port, b := range p.bindings {
-		if b.sess.Load() != nil {
-			have[port] = local{b.target, b.agentID}
+	for at, b := range p.bindings {
+		if s := b.sess.Load(); s != nil {
+			// The owner goes with a republished route: without it, the
+			// registry's owner check could not refuse another credential's
+			// claim of the agent id on another PS.
+			have[at] = local{b.target, b.agentID, s.cred}
 		}
 	}
 	p.bmu.RUnlock()
 
 	var stale, missing []registry.Publication
-	for port, target := range used {
-		if l, ok := have[port]; !ok || l.target != target {
-			if !p.alloc.isUsed(port) {
-				stale = append(stale, registry.Publication{Target: target, Port: port})
+	for at, target := range used {
+		if l, ok := have[at]; !ok || l.target != target {
+			if !p.alloc.isUsed(at) {
+				stale = append(stale, registry.Publication{Target: target, Addr: at.Addr(), Port: at.Port()})
 			}
 		}
 	}
-	for port, l := range have {
-		if t, ok := used[port]; !ok || t != l.target {
-			missing = append(missing, registry.Publication{Target: l.target, Port: port, AgentID: l.agent})
+	for at, l := range have {
+		if t, ok := used[at]; !ok || t != l.target {
+			missing = append(missing, registry.Publication{Target: l.target, Addr: at.Addr(), Port: at.Port(), AgentID: l.agent, Owner: l.owner})
 		}
 	}
 	if len(stale) > 0 {
 		until := time.Now().Add(p.cfg.Quarantine)
-		q := make(map[uint16]time.Time, len(stale))
+		q := make(map[netip.AddrPort]time.Time, len(stale))
 		for _, s := range stale {
-			q[s.Port] = until
+			q[netip.AddrPortFrom(s.Addr, s.Port)] = until
 		}
 		p.alloc.quarantineUntil(q)
 		if err := p.reg.Release(ctx, p.cfg.ID, stale, until); err != nil {
@@ -315,8 +318,8 @@ func (p *PS) drain(ctx context.Context) {
 	}
 	p.bmu.RLock()
 	pubs := make([]registry.Publication, 0, len(p.bindings))
-	for port, b := range p.bindings {
-		pubs = append(pubs, registry.Publication{Target: b.target, Port: port})
+	for at, b := range p.bindings {
+		pubs = append(pubs, registry.Publication{Target: b.target, Addr: at.Addr(), Port: at.Port()})
 	}
 	p.bmu.RUnlock()
 	if err := p.reg.Release(ctx, p.cfg.ID, pubs, time.Now().Add(p.cfg.Quarantine)); err != nil {

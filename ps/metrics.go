@@ -42,6 +42,11 @@ type psMetrics struct {
 	// handshakes, not timed: a refused busy agent says nothing about how
 	// long admission takes.
 	handshakeSeconds prometheus.Histogram
+	// dataPlane is 1 for the data plane in use (label plane: sk_lookup or
+	// listeners); portsCapacity is how many (address, port) pairs the
+	// advertise addresses and the port range hold.
+	dataPlane     *prometheus.GaugeVec
+	portsCapacity prometheus.Gauge
 }
 
 // handshakeBuckets span a lone agent on loopback (~1 ms) to one exposing
@@ -103,6 +108,11 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 			Name:    "tether_ps_handshake_duration_seconds",
 			Help:    "Time from accepting an agent's tunnel connection to its session in service (admitted handshakes only).",
 			Buckets: handshakeBuckets}),
+		dataPlane: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "tether_ps_data_plane", Help: "1 for the data plane this PS accepts client connections with (plane: sk_lookup or listeners), 0 for the other."},
+			[]string{"plane"}),
+		portsCapacity: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_ps_ports_capacity", Help: "(address, port) pairs this PS can hand out: advertise addresses times the port range."}),
 	}
 	// Every known result and reason is exported from the start, at zero, so
 	// that dashboards and rate() see a series before the first event.
@@ -122,10 +132,56 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 	for _, c := range []prometheus.Collector{m.tunnels, m.handshakes, m.endpoints, m.streamsOpen, m.streams,
 		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected,
 		m.connsRefused, m.idleClosed, m.violations, m.silent, m.insecure, m.intent.results, m.reports.results,
-		m.handshakeSeconds} {
+		m.handshakeSeconds, m.dataPlane, m.portsCapacity} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// steeringCounters are what the sk_lookup plane counts (skplane_linux.go).
+type steeringCounters interface {
+	counters() (steered, assignFailed uint64, err error)
+	unclaimedResets() uint64
+}
+
+// registerSteering exports the sk_lookup plane's counters; with the
+// listener plane they stay at zero, so a dashboard's series exist either
+// way. The kernel's counters are read at scrape time.
+func registerSteering(reg prometheus.Registerer, plane dataPlane) error {
+	sk, _ := plane.(steeringCounters)
+	kernel := func(pick func(steered, failed uint64) uint64) func() float64 {
+		return func() float64 {
+			if sk == nil {
+				return 0
+			}
+			s, f, err := sk.counters()
+			if err != nil {
+				return 0
+			}
+			return float64(pick(s, f))
+		}
+	}
+	for _, c := range []prometheus.Collector{
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tether_ps_steered_total", Help: "Client connections the sk_lookup program handed to the PS's socket (0 with the listeners plane)."},
+			kernel(func(s, _ uint64) uint64 { return s })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tether_ps_steer_failed_total", Help: "Connections to an open pair the sk_lookup program could not hand to the socket (should stay 0)."},
+			kernel(func(_, f uint64) uint64 { return f })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tether_ps_steer_unclaimed_total", Help: "Connections reset because their pair was released between the SYN and the accept (sk_lookup plane)."},
+			func() float64 {
+				if sk == nil {
+					return 0
+				}
+				return float64(sk.unclaimedResets())
+			}),
+	} {
+		if err := reg.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
 }

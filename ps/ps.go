@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,8 +28,9 @@ import (
 type Config struct {
 	ID           string   `yaml:"id" flag:"id" usage:"this PS's id, unique in the pool"`
 	Listen       string   `yaml:"listen" flag:"listen" usage:"address to accept agents' tunnels on"`
-	Advertise    string   `yaml:"advertise" flag:"advertise" usage:"IP clients reach this PS at; data ports listen on it"`
-	Ports        string   `yaml:"ports" flag:"ports" usage:"range of data ports, LO-HI"`
+	Advertise    []string `yaml:"advertise" flag:"advertise" usage:"IP clients reach this PS at; data ports listen on it (repeat for several: ports are allocated across all of them)"`
+	Ports        string   `yaml:"ports" flag:"ports" usage:"range of data ports, LO-HI, on every advertise address"`
+	DataPlane    string   `yaml:"data-plane" flag:"data-plane" usage:"how data ports accept: sk_lookup (one socket, a BPF program steers every assigned address:port to it), listeners (a socket per port) or auto (sk_lookup where it loads, else listeners)"`
 	Redis        string   `yaml:"redis" flag:"redis" usage:"the route registry: host:port, redis://, rediss:// or unix:// URL"`
 	RedisPrefix  string   `yaml:"redis-prefix" flag:"redis-prefix" usage:"key prefix (hash tag) of the registry in Redis"`
 	TokenFile    string   `yaml:"token-file" flag:"token-file" usage:"file of agent credentials, one 'TOKEN AGENT_IDS [CIDRS]' per line (see the README)"`
@@ -71,6 +74,7 @@ func DefaultConfig() Config {
 	return Config{
 		Listen:           ":7000",
 		Ports:            "20000-29999",
+		DataPlane:        DataPlaneAuto,
 		Redis:            "redis://127.0.0.1:6379/0",
 		RedisPrefix:      "tether",
 		Lease:            5 * time.Second,
@@ -104,11 +108,16 @@ func (c *Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("--listen %q: %w", c.Listen, err))
 	}
-	if a, err := netip.ParseAddr(c.Advertise); err != nil || a.IsUnspecified() {
-		errs = append(errs, fmt.Errorf("--advertise %q: want the IP clients reach this PS at", c.Advertise))
+	if _, err := parseAdvertise(c.Advertise); err != nil {
+		errs = append(errs, err)
 	}
 	if _, err := ParsePortRange(c.Ports); err != nil {
 		errs = append(errs, fmt.Errorf("--ports: %w", err))
+	}
+	switch c.DataPlane {
+	case DataPlaneAuto, DataPlaneSKLookup, DataPlaneListeners:
+	default:
+		errs = append(errs, fmt.Errorf("--data-plane %q: want %s, %s or %s", c.DataPlane, DataPlaneAuto, DataPlaneSKLookup, DataPlaneListeners))
 	}
 	if c.Redis == "" && c.Registry == nil {
 		errs = append(errs, errors.New("--redis is required"))
@@ -155,24 +164,62 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// PS is a proxy server node: it accepts agents' tunnels, listens on a port
-// per exposed endpoint, carries each client connection over the owning
+// The data planes --data-plane names.
+const (
+	DataPlaneAuto      = "auto"
+	DataPlaneSKLookup  = "sk_lookup"
+	DataPlaneListeners = "listeners"
+)
+
+// maxAdvertise bounds --advertise: four addresses already hold about
+// 250,000 endpoints, and every address is a row of the steering map's key
+// space and of the reserved set.
+const maxAdvertise = 16
+
+// parseAdvertise parses the advertise addresses: at least one, each an IP
+// clients can reach (not unspecified), none twice.
+func parseAdvertise(list []string) ([]netip.Addr, error) {
+	if len(list) == 0 {
+		return nil, errors.New("--advertise: want the IP clients reach this PS at (repeat it for several)")
+	}
+	if len(list) > maxAdvertise {
+		return nil, fmt.Errorf("--advertise: %d addresses, at most %d", len(list), maxAdvertise)
+	}
+	out := make([]netip.Addr, 0, len(list))
+	for _, s := range list {
+		a, err := netip.ParseAddr(strings.TrimSpace(s))
+		if err != nil || a.IsUnspecified() || a.Zone() != "" {
+			return nil, fmt.Errorf("--advertise %q: want an IP clients reach this PS at", s)
+		}
+		a = a.Unmap()
+		if slices.Contains(out, a) {
+			return nil, fmt.Errorf("--advertise %s given twice", a)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// PS is a proxy server node: it accepts agents' tunnels, serves a PS
+// address and port per exposed endpoint, carries each client connection over the owning
 // agent's tunnel, and keeps the registry's view of its routes alive.
 type PS struct {
-	cfg       Config
-	log       *slog.Logger
-	reg       *registry.Registry
-	ownReg    bool
-	tls       *tls.Config
-	auth      *authorizer
-	quotas    *quotas
-	exposure  *exposure
-	gate      *gate
-	sources   *sourceLimit
-	alloc     *portAllocator
-	plane     dataPlane
-	m         *psMetrics
-	advertise netip.Addr
+	cfg      Config
+	log      *slog.Logger
+	reg      *registry.Registry
+	ownReg   bool
+	tls      *tls.Config
+	auth     *authorizer
+	quotas   *quotas
+	exposure *exposure
+	gate     *gate
+	sources  *sourceLimit
+	alloc    *portAllocator
+	plane    dataPlane
+	m        *psMetrics
+	// advertise are the addresses clients reach this PS at, the lease's
+	// primary first.
+	advertise []netip.Addr
 	allow     cidr.List
 	window    uint32
 
@@ -186,7 +233,7 @@ type PS struct {
 	nextSess uint64
 
 	bmu      sync.RWMutex
-	bindings map[uint16]*binding
+	bindings map[netip.AddrPort]*binding
 
 	draining atomic.Bool
 	inflight atomic.Int64 // client connections being carried
@@ -219,6 +266,7 @@ func New(cfg Config) (*PS, error) {
 	}
 	log := cfg.Logger.With("ps_id", cfg.ID)
 	pr, _ := ParsePortRange(cfg.Ports)
+	advertise, _ := parseAdvertise(cfg.Advertise)
 	allow, _ := cidr.Parse(cfg.AllowClients)
 	agentNets, _ := cidr.Parse(cfg.AgentCIDRs)
 	tlsCfg, err := tunnel.ServerTLSConfig(tunnel.TLSFiles{Cert: cfg.TLSCert, Key: cfg.TLSKey, CA: cfg.TLSCA})
@@ -231,7 +279,7 @@ func New(cfg Config) (*PS, error) {
 	}
 	credEndpoints := cfg.CredEndpoints
 	if credEndpoints == 0 {
-		credEndpoints = max(1, pr.Size()/2)
+		credEndpoints = max(1, len(advertise)*pr.Size()/2)
 	}
 	m, err := newPSMetrics(cfg.Registerer)
 	if err != nil {
@@ -243,21 +291,33 @@ func New(cfg Config) (*PS, error) {
 		sources:   newSourceLimit(cfg.SourceHandshakes),
 		quotas:    newQuotas(cfg.CredTunnels, credEndpoints),
 		exposure:  newExposure(agentNets),
-		alloc:     newPortAllocator(pr, nil),
-		advertise: netip.MustParseAddr(cfg.Advertise),
+		alloc:     newPortAllocator(advertise, pr, nil),
+		advertise: advertise,
 		allow:     allow,
 		window:    uint32(cfg.StreamWindow),
 		addr:      make(chan net.Addr, 1),
 		agents:    map[string]*agentSlot{},
 		sessions:  map[*psSession]struct{}{},
-		bindings:  map[uint16]*binding{},
+		bindings:  map[netip.AddrPort]*binding{},
 		closed:    make(chan struct{}),
 	}
-	p.plane = newListenerPlane(p.advertise, p.handleConn, log, cfg.Intent != IntentOff)
+	if p.plane, err = p.newDataPlane(len(advertise) * pr.Size()); err != nil {
+		return nil, err
+	}
+	for _, plane := range []string{DataPlaneSKLookup, DataPlaneListeners} {
+		p.m.dataPlane.WithLabelValues(plane).Set(0)
+	}
+	p.m.dataPlane.WithLabelValues(p.plane.Name()).Set(1)
+	p.m.portsCapacity.Set(float64(len(advertise) * pr.Size()))
+	if err := registerSteering(cfg.Registerer, p.plane); err != nil {
+		_ = p.plane.Close()
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
 	p.reg = cfg.Registry
 	if p.reg == nil {
 		p.reg, err = registry.New(registry.Config{URL: cfg.Redis, Prefix: cfg.RedisPrefix, Logger: log})
 		if err != nil {
+			_ = p.plane.Close()
 			return nil, err
 		}
 		p.ownReg = true
@@ -299,8 +359,8 @@ func (p *PS) Run(ctx context.Context) error {
 	p.ln = ln
 	p.lnMu.Unlock()
 	p.addr <- ln.Addr()
-	p.log.Info("ps running", "listen", ln.Addr().String(), "advertise", p.advertise.String(),
-		"ports", p.cfg.Ports, "tls", p.tls != nil, "client_certs", p.cfg.TLSCA != "")
+	p.log.Info("ps running", "listen", ln.Addr().String(), "advertise", addrStrings(p.advertise),
+		"ports", p.cfg.Ports, "data_plane", p.plane.Name(), "tls", p.tls != nil, "client_certs", p.cfg.TLSCA != "")
 
 	// Registry calls made for tunnels (publish, release) use life: it
 	// carries ctx's values but ends only when Run returns, after the drain,
@@ -452,7 +512,7 @@ func (p *PS) renew(ctx context.Context, state registry.PSState) error {
 	// own clock, so a skewed clock here neither shortens nor stretches it.
 	// The nonce guards the renewal: if another instance claimed the id,
 	// nothing is written and the error wraps registry.ErrLeaseTaken.
-	err := p.reg.RenewPS(rctx, registry.PSLease{ID: p.cfg.ID, Addr: p.advertise, State: state, TTL: p.cfg.Lease, Nonce: p.nonce})
+	err := p.reg.RenewPS(rctx, p.lease(state))
 	now := time.Now().UnixNano()
 	p.renewTriedAt.Store(now)
 	// A renewal that found the registry's data lost wrote the lease anew:
@@ -461,6 +521,19 @@ func (p *PS) renew(ctx context.Context, state registry.PSState) error {
 		p.renewedAt.Store(now)
 	}
 	return err
+}
+
+// lease is this instance's lease as it writes it.
+func (p *PS) lease(state registry.PSState) registry.PSLease {
+	return registry.PSLease{ID: p.cfg.ID, Addr: p.advertise[0], Addrs: p.advertise, State: state, TTL: p.cfg.Lease, Nonce: p.nonce}
+}
+
+func addrStrings(addrs []netip.Addr) []string {
+	out := make([]string, len(addrs))
+	for i, a := range addrs {
+		out[i] = a.String()
+	}
+	return out
 }
 
 // Readiness is nil while the PS does its job: its tunnel listener is open,

@@ -41,10 +41,10 @@ func (s *psSession) takeBindings() map[netip.AddrPort]*binding {
 	return b
 }
 
-// binding is one exposed endpoint: a port of this PS carried to a target
-// over the session that currently owns it.
+// binding is one exposed endpoint: an address and port of this PS carried
+// to a target over the session that currently owns it.
 type binding struct {
-	port    uint16
+	at      netip.AddrPort
 	target  netip.AddrPort
 	agentID string
 	sess    atomic.Pointer[psSession]
@@ -119,27 +119,27 @@ func (p *PS) releaseBindings(ctx context.Context, bs []*binding, quarantine bool
 	if len(bs) == 0 {
 		return
 	}
-	ports := make([]uint16, 0, len(bs))
+	pairs := make([]netip.AddrPort, 0, len(bs))
 	pubs := make([]registry.Publication, 0, len(bs))
 	p.bmu.Lock()
 	for _, b := range bs {
-		if p.bindings[b.port] == b {
-			delete(p.bindings, b.port)
+		if p.bindings[b.at] == b {
+			delete(p.bindings, b.at)
 		}
 		b.sess.Store(nil)
-		ports = append(ports, b.port)
-		pubs = append(pubs, registry.Publication{Target: b.target, Port: b.port, AgentID: b.agentID})
+		pairs = append(pairs, b.at)
+		pubs = append(pubs, registry.Publication{Target: b.target, Addr: b.at.Addr(), Port: b.at.Port(), AgentID: b.agentID})
 	}
 	p.bmu.Unlock()
-	for _, port := range ports {
-		p.plane.Release(port)
+	for _, at := range pairs {
+		p.plane.Release(at)
 	}
 	if !quarantine {
-		p.alloc.free(ports)
+		p.alloc.free(pairs)
 		return
 	}
 	until := time.Now().Add(p.cfg.Quarantine)
-	p.alloc.release(ports, until)
+	p.alloc.release(pairs, until)
 	if p.leaseLost.Load() {
 		// Another instance holds this id now: its routes are not ours to
 		// touch (and the registry would refuse the write anyway).

@@ -10,42 +10,105 @@ import (
 	"time"
 )
 
+// pairsOn builds pairs of one address, for short test tables.
+func pairsOn(a netip.Addr, ports ...uint16) []netip.AddrPort {
+	out := make([]netip.AddrPort, len(ports))
+	for i, p := range ports {
+		out[i] = netip.AddrPortFrom(a, p)
+	}
+	return out
+}
+
+func portsOf(pairs []netip.AddrPort) string {
+	var b strings.Builder
+	for i, at := range pairs {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(at.String())
+	}
+	return "[" + b.String() + "]"
+}
+
 func TestPortAllocatorSkipsUsedQuarantinedAndUnbindable(t *testing.T) {
 	now := time.Unix(1000, 0)
-	a := newPortAllocator(PortRange{100, 105}, func() time.Time { return now })
-	taken := map[uint16]bool{102: true} // the OS refuses this one
-	bind := func(p uint16) error {
+	ip := netip.MustParseAddr("10.0.0.1")
+	at := func(p uint16) netip.AddrPort { return netip.AddrPortFrom(ip, p) }
+	a := newPortAllocator([]netip.Addr{ip}, PortRange{100, 105}, func() time.Time { return now })
+	taken := map[netip.AddrPort]bool{at(102): true} // the OS refuses this one
+	bind := func(p netip.AddrPort) error {
 		if taken[p] {
 			return errors.New("address in use")
 		}
 		return nil
 	}
-	got, err := a.allocate(3, bind)
-	if err != nil || fmt.Sprint(got) != "[100 101 103]" {
-		t.Fatalf("allocate: %v, %v; want [100 101 103]", got, err)
+	want := func(got []netip.AddrPort, ports ...uint16) bool {
+		return portsOf(got) == portsOf(pairsOn(ip, ports...))
 	}
-	a.release([]uint16{100}, now.Add(time.Minute))
+	got, err := a.allocate(3, bind)
+	if err != nil || !want(got, 100, 101, 103) {
+		t.Fatalf("allocate: %v, %v; want 100 101 103", got, err)
+	}
+	a.release(pairsOn(ip, 100), now.Add(time.Minute))
 	got, err = a.allocate(3, bind)
-	if !errors.Is(err, ErrNoPorts) || fmt.Sprint(got) != "[104 105]" {
-		t.Fatalf("allocate past the range: %v, %v; want [104 105] and ErrNoPorts", got, err)
+	if !errors.Is(err, ErrNoPorts) || !want(got, 104, 105) {
+		t.Fatalf("allocate past the range: %v, %v; want 104 105 and ErrNoPorts", got, err)
 	}
 	// 100 stays quarantined until its time, then comes back; round robin
 	// means it is the last one to be reused.
-	a.free([]uint16{104, 105})
-	if got, _ := a.allocate(1, bind); fmt.Sprint(got) != "[104]" {
-		t.Fatalf("after free: %v, want [104] (100 is quarantined)", got)
+	a.free(pairsOn(ip, 104, 105))
+	if got, _ := a.allocate(1, bind); !want(got, 104) {
+		t.Fatalf("after free: %v, want 104 (100 is quarantined)", got)
 	}
 	now = now.Add(2 * time.Minute)
-	if got, _ := a.allocate(2, bind); fmt.Sprint(got) != "[105 100]" {
-		t.Fatalf("after the quarantine: %v, want [105 100]", got)
+	if got, _ := a.allocate(2, bind); !want(got, 105, 100) {
+		t.Fatalf("after the quarantine: %v, want 105 100", got)
 	}
-	a.quarantineUntil(map[uint16]time.Time{105: now.Add(time.Hour)})
-	a.free([]uint16{105})
+	a.quarantineUntil(map[netip.AddrPort]time.Time{at(105): now.Add(time.Hour)})
+	a.free(pairsOn(ip, 105))
 	if _, q := a.counts(); q != 1 {
 		t.Fatalf("quarantined count %d, want 1", q)
 	}
 	if got, _ := a.allocate(1, bind); len(got) != 0 {
 		t.Fatalf("a port quarantined by the registry was handed out: %v", got)
+	}
+}
+
+// Several addresses: every port is used on each address in turn, the range
+// holds addresses x ports pairs, and a pair quarantined on one address
+// leaves the same port on another address free.
+func TestPortAllocatorSpreadsOverAddresses(t *testing.T) {
+	now := time.Unix(1000, 0)
+	a1, a2 := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+	a := newPortAllocator([]netip.Addr{a1, a2}, PortRange{100, 102}, func() time.Time { return now })
+	ok := func(netip.AddrPort) error { return nil }
+	got, err := a.allocate(6, ok)
+	if err != nil || portsOf(got) != "[10.0.0.1:100 10.0.0.2:100 10.0.0.1:101 10.0.0.2:101 10.0.0.1:102 10.0.0.2:102]" {
+		t.Fatalf("allocate 6 of 2x3: %v, %v", portsOf(got), err)
+	}
+	if more, err := a.allocate(1, ok); !errors.Is(err, ErrNoPorts) || len(more) != 0 {
+		t.Fatalf("a 7th pair of 2x3: %v, %v", more, err)
+	}
+	a.release(pairsOn(a1, 101), now.Add(time.Minute))
+	a.free(pairsOn(a2, 101))
+	got, _ = a.allocate(2, ok)
+	if portsOf(got) != "[10.0.0.2:101]" {
+		t.Fatalf("with 10.0.0.1:101 quarantined and 10.0.0.2:101 free: %v, want only 10.0.0.2:101", portsOf(got))
+	}
+	if used, q := a.counts(); used != 5 || q != 1 {
+		t.Fatalf("counts %d used %d quarantined, want 5 and 1", used, q)
+	}
+}
+
+func TestParseAdvertise(t *testing.T) {
+	got, err := parseAdvertise([]string{"127.0.0.2", " ::ffff:10.1.2.3", "2001:db8::1"})
+	if err != nil || fmt.Sprint(got) != "[127.0.0.2 10.1.2.3 2001:db8::1]" {
+		t.Fatalf("parseAdvertise: %v, %v", got, err)
+	}
+	for _, bad := range [][]string{nil, {""}, {"0.0.0.0"}, {"::"}, {"10.0.0.1", "10.0.0.1"}, {"10.0.0.1", "::ffff:10.0.0.1"}, {"fe80::1%eth0"}, {"host.example"}} {
+		if _, err := parseAdvertise(bad); err == nil || !strings.Contains(err.Error(), "--advertise") {
+			t.Errorf("parseAdvertise(%q) = %v, want an error naming --advertise", bad, err)
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -46,6 +47,15 @@ type psDeadlines struct {
 	lastRead    atomic.Int64 // unix ns of the last successful lease read
 	outageSince atomic.Int64 // unix ns the current registry outage began, 0 when none
 	errors      atomic.Uint64
+}
+
+// leaseAddrs is every address l advertises; a lease built without Addrs
+// (tests, older writers) has its primary address only.
+func leaseAddrs(l registry.PSLease) []netip.Addr {
+	if len(l.Addrs) == 0 {
+		return []netip.Addr{l.Addr}
+	}
+	return l.Addrs
 }
 
 // psLeaseReader is the registry as the deadlines use it.
@@ -112,20 +122,22 @@ func (d *psDeadlines) refresh(ctx context.Context) error {
 	}
 	d.lastRead.Store(time.Now().UnixNano())
 	wall, mono := time.Now(), monotonicNow()
+	// A PS may advertise several addresses (PSLease.Addrs, the primary
+	// first); its backends are on any of them, so each gets the deadline.
 	latest := map[uint32]time.Time{}
-	for _, l := range leases {
-		a := l.Addr.Unmap()
-		if !a.Is4() {
-			continue
-		}
-		if k := be32(a); l.ExpiresAt.After(latest[k]) {
-			latest[k] = l.ExpiresAt
-		}
-	}
 	live := make(map[uint32]struct{}, len(leases))
 	for _, l := range leases {
-		if a := l.Addr.Unmap(); a.Is4() && l.Live(wall) {
-			live[be32(a)] = struct{}{}
+		for _, a := range leaseAddrs(l) {
+			if a = a.Unmap(); !a.Is4() {
+				continue
+			}
+			k := be32(a)
+			if l.ExpiresAt.After(latest[k]) {
+				latest[k] = l.ExpiresAt
+			}
+			if l.Live(wall) {
+				live[k] = struct{}{}
+			}
 		}
 	}
 	d.live = live

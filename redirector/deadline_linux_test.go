@@ -148,3 +148,29 @@ func TestDeadlinesKeptAcrossARestartDuringAnOutage(t *testing.T) {
 		t.Fatalf("a passed deadline was revived: %v left", left)
 	}
 }
+
+// A PS that advertises several addresses has backends on each of them:
+// every one gets the lease's deadline, not only the primary.
+func TestEveryAdvertisedAddressGetsItsPSDeadline(t *testing.T) {
+	m := deadlineMap(t)
+	const grace = 2 * time.Second
+	synced := make(chan struct{})
+	close(synced)
+	reader := &fakeLeases{}
+	d := &psDeadlines{m: m, reg: reader, grace: grace, log: slog.New(slog.NewTextHandler(io.Discard, nil)), synced: synced}
+	primary, second := netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.2")
+	reader.set(map[string]registry.PSLease{
+		"ps1": {ID: "ps1", Addr: primary, Addrs: []netip.Addr{primary, second}, State: registry.PSActive, ExpiresAt: time.Now().Add(time.Minute)},
+	}, nil)
+	if err := d.refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []string{"127.0.0.1", "127.0.0.2"} {
+		if left, ok := deadlineOf(t, m, a); !ok || left < time.Minute {
+			t.Errorf("deadline of PS address %s: %v (present %v), want the lease's minute + grace", a, left, ok)
+		}
+	}
+	if _, ok := deadlineOf(t, m, "127.0.0.3"); ok {
+		t.Errorf("an address the lease does not advertise got a deadline")
+	}
+}

@@ -152,14 +152,14 @@ func TestQuarantineIsKeptOnOneClock(t *testing.T) {
 	for i, skew := range []time.Duration{10 * time.Second, -10 * time.Second} {
 		writer := newTestRegistry(t, rd.URL(), skewed(skew))
 		port := uint16(20001 + i)
-		if err := writer.Release(ctx, "ps1", []Publication{{Target: ap("127.77.0.1:1"), Port: port}}, writer.now().Add(time.Minute)); err != nil {
+		if err := writer.Release(ctx, "ps1", []Publication{{Target: ap("127.77.0.1:1"), Addr: lo(port).Addr(), Port: port}}, writer.now().Add(time.Minute)); err != nil {
 			t.Fatal(err)
 		}
 		q, err := reader.Quarantined(ctx, "ps1")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := nearErr(q[port], time.Now().Add(time.Minute)); err != nil {
+		if err := nearErr(q[lo(port)], time.Now().Add(time.Minute)); err != nil {
 			t.Errorf("a minute's quarantine written by a PS %v off: %v", skew, err)
 		}
 	}

@@ -5,8 +5,11 @@
 // # Model
 //
 // A route maps a target (an agent's ip:port) to up to one backend per proxy
-// server (PS): the port the PS listens on for that target and the agent that
-// exposes it. Leases are per PS: a PS renews one lease for itself, and every
+// server (PS): the PS address and port assigned to that target, and the
+// agent that exposes it. A PS may advertise several addresses
+// (PSLease.Addrs) and allocates its ports across all of them, so a PS port
+// is an (address, port) pair everywhere: in route entries, in the PS's port
+// index and in its quarantine. Leases are per PS: a PS renews one lease for itself, and every
 // backend it published lives exactly as long as that lease. A backend whose
 // PS lease has lapsed, or whose PS is draining, is not live; Get, List and
 // the Mirror never hand out a dead backend as live, even before anything
@@ -43,19 +46,41 @@
 // "tether"), so the Lua scripts that touch several keys work on a single
 // server, under Sentinel and on a Cluster alike (all keys live in one slot).
 //
-//	{P}:ps:<ps_id>          HASH   addr, expires_ms, state (active|draining), renewed_ms, nonce (the holding instance)
+//	{P}:ps:<ps_id>          HASH   addr (the primary address), addrs (every advertised address,
+//	                               space-separated, addr first), expires_ms, state (active|draining),
+//	                               renewed_ms, nonce (the holding instance)
 //	                               (both times unix ms on Redis's clock)
 //	{P}:pses                SET    ids of all PS nodes that have a ps key
-//	{P}:route:<ip:port>     HASH   field <ps_id> -> JSON {"port":N,"agent_id":"...","owner":"...","addr":"<PS ip at publish>"}
-//	                               (owner absent when there is none)
+//	{P}:route:<ip:port>     HASH   field <ps_id> -> JSON {"port":N,"agent_id":"...","owner":"...","addr":"<PS ip>"}
+//	                               (owner absent when there is none; addr is the PS address the
+//	                               port was assigned on, Publication.Addr or else the lease's addr)
 //	{P}:targets             SET    every target that has at least one backend
-//	{P}:psroutes:<ps_id>    HASH   field <port> -> target: the PS's ports in use
-//	{P}:quarantine:<ps_id>  ZSET   member <port>, score = unix ms (Redis's clock)
+//	{P}:psroutes:<ps_id>    HASH   field <PS ip:port> -> target: the PS's ports in use
+//	{P}:quarantine:<ps_id>  ZSET   member <PS ip:port>, score = unix ms (Redis's clock)
 //	                               until it may be reused
 //	{P}:changes             STREAM entries {k: route|ps, id: <target>|<ps_id>},
 //	                               trimmed to about Config.StreamMaxLen entries
 //	{P}:generation          STRING random id, SET NX by every PS lease write: it
 //	                               changes only when the registry lost its data
+//
+// A PS ip:port is written as netip.AddrPort.String writes it: 127.0.0.2:20001,
+// [fd00::1]:20001. Older versions, which had one address per PS, wrote a
+// bare port (20001) in psroutes and quarantine; both formats are read,
+// withdrawn and honoured:
+//   - a bare psroutes field is read as the address of the PS's route entry
+//     for its target when that entry has the port and an address, else as
+//     the lease's primary addr (PortsInUse, WithdrawAll); a publication
+//     that takes the target over, and a withdrawal of the pair, remove it;
+//   - a bare quarantine member quarantines the port on every address of the
+//     lease (Quarantined): too much quarantine is safe, too little never is.
+//     A withdrawal whose address nobody knows (no entry address, no lease)
+//     writes a bare member too.
+//
+// A reader places an entry on entry.addr:port when entry.addr is one of its
+// PS lease's Addrs, and on the lease's addr:port when the entry has no
+// addr (an older writer). An entry whose addr the lease does not advertise
+// was published by an earlier instance of the id at other addresses: it is
+// stale, and Get, List and the Mirror leave it out.
 //
 // A <ps_id> has the syntax of internal/ident (printable ASCII without
 // blanks, braces or colons), so it can neither reach into another key's
@@ -63,6 +88,18 @@
 //
 // A change entry says only which key changed; readers re-read that key, so
 // replaying an entry twice, or out of order with a snapshot, is harmless.
+// Writers add one entry per route key they change, and trim the stream
+// once per script call.
+//
+// # Registration at scale
+//
+// Publish sends batches of batchSize publications, one script call each:
+// Redis runs one script at a time, so a batch bounds how long another PS's
+// small registration waits behind a huge one (about 2 ms). The script
+// judges the whole batch before writing, then writes the port index and
+// the set of targets (one command each), then the entries and their change
+// entries; a batch never names a target twice (Publish starts a new batch
+// at a repeated one). TestPublishAtScale measures it.
 //
 // # Writers
 //

@@ -47,7 +47,8 @@ const leaseTakenReply = "TETHER_LEASE_TAKEN"
 
 // leaseScript writes a PS's lease stamped with Redis's clock. KEYS[1] is
 // the hash tag; ARGV: ps_id, addr, state, ttl_ms, maxlen, nonce, mode,
-// generation (a fresh random id, stored only if the registry has none).
+// generation (a fresh random id, stored only if the registry has none),
+// addrs (every advertised address, space-separated, addr first).
 //
 // With a nonce, mode "claim" refuses a lease that is live under another
 // nonce, replying {"H", addr, ms_left, renewed_ms, nonce}; mode "renew"
@@ -73,7 +74,7 @@ if nonce ~= '' then
   end
   redis.call('HSET', key, 'nonce', nonce)
 end
-redis.call('HSET', key, 'addr', ARGV[2], 'state', ARGV[3],
+redis.call('HSET', key, 'addr', ARGV[2], 'addrs', ARGV[9], 'state', ARGV[3],
   'expires_ms', string.format('%d', now + tonumber(ARGV[4])), 'renewed_ms', string.format('%d', now))
 redis.call('SADD', p .. ':pses', id)
 redis.call('XADD', p .. ':changes', 'MAXLEN', '~', maxlen, '*', 'k', 'ps', 'id', id)
@@ -213,8 +214,59 @@ func (r *Registry) writeLease(ctx context.Context, l PSLease, mode string) ([]an
 		}
 		ttl = l.ExpiresAt.Sub(r.now())
 	}
+	addrs, err := leaseAddrs(l)
+	if err != nil {
+		return nil, err
+	}
 	return leaseScript.Run(ctx, r.rdb, []string{r.keys.p},
-		l.ID, l.Addr.String(), string(l.State), ttl.Milliseconds(), r.maxLen, l.Nonce, mode, newGeneration()).Slice()
+		l.ID, l.Addr.String(), string(l.State), ttl.Milliseconds(), r.maxLen, l.Nonce, mode, newGeneration(), addrs).Slice()
+}
+
+// leaseAddrs checks a lease's address set and returns it as stored (the
+// addrs field): space-separated, the primary Addr first. A nil Addrs means
+// [Addr]; a set that lacks Addr, or holds an invalid or repeated address,
+// is refused, since readers would judge every backend against it.
+func leaseAddrs(l PSLease) (string, error) {
+	if !l.Addr.IsValid() {
+		return "", errors.New("the lease has no address")
+	}
+	if len(l.Addrs) == 0 {
+		return l.Addr.String(), nil
+	}
+	out := []string{l.Addr.String()}
+	seen := make(map[netip.Addr]bool, len(l.Addrs))
+	for _, a := range l.Addrs {
+		if !a.IsValid() {
+			return "", fmt.Errorf("advertised addresses %v: an invalid address", l.Addrs)
+		}
+		if seen[a] {
+			return "", fmt.Errorf("advertised addresses %v: %s is given twice", l.Addrs, a)
+		}
+		seen[a] = true
+		if a != l.Addr {
+			out = append(out, a.String())
+		}
+	}
+	if !seen[l.Addr] {
+		return "", fmt.Errorf("advertised addresses %v do not contain the primary address %s", l.Addrs, l.Addr)
+	}
+	return strings.Join(out, " "), nil
+}
+
+// parseAddrs reads a lease's addrs field: the primary addr first, then
+// the others. A lease written by an older version has none: [addr].
+func parseAddrs(id string, primary netip.Addr, field string) ([]netip.Addr, error) {
+	out := []netip.Addr{primary}
+	for f := range strings.FieldsSeq(field) {
+		a, err := netip.ParseAddr(f)
+		if err != nil {
+			return nil, fmt.Errorf("%w: ps %s addrs %q", ErrBadData, id, textclip.Short(field))
+		}
+		if a != primary {
+			out = append(out, a)
+		}
+	}
+	return out, nil
 }
 
 // PSLeases returns every PS lease in the registry, live or not.
@@ -298,5 +350,9 @@ func parseLease(id string, m map[string]string, sent time.Time, srvNow int64) (P
 	if st != PSActive && st != PSDraining {
 		return PSLease{}, fmt.Errorf("%w: ps %s state %q", ErrBadData, id, textclip.Short(m["state"]))
 	}
-	return PSLease{ID: id, Addr: addr, State: st, Nonce: m["nonce"], ExpiresAt: localTime(sent, srvNow, ms)}, nil
+	addrs, err := parseAddrs(id, addr, m["addrs"])
+	if err != nil {
+		return PSLease{}, err
+	}
+	return PSLease{ID: id, Addr: addr, Addrs: addrs, State: st, Nonce: m["nonce"], ExpiresAt: localTime(sent, srvNow, ms)}, nil
 }

@@ -94,6 +94,7 @@ const (
 // psView is the part of a PS lease that changes what readers do.
 type psView struct {
 	addr     netip.Addr
+	addrs    string // see addrSetKey
 	live     bool
 	draining bool
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -141,7 +142,7 @@ func (m *Mirror) applyMerge(ctx context.Context, msg message, now time.Time) err
 func (m *Mirror) mergeRouteLocked(rt Route) bool {
 	changed := false
 	for _, b := range rt.Backends {
-		e := mirrorEntry{Port: b.Address.Port(), AgentID: b.AgentID, Lost: b.Lost}
+		e := mirrorEntry{Addr: b.Address.Addr(), Port: b.Address.Port(), AgentID: b.AgentID, Lost: b.Lost}
 		es := m.entries[rt.Target]
 		if es == nil {
 			es = map[string]mirrorEntry{}
@@ -241,12 +242,30 @@ func (m *Mirror) nextExpiry() time.Duration {
 }
 
 func viewOf(l PSLease, now time.Time) psView {
-	return psView{addr: l.Addr, live: l.Live(now), draining: l.State == PSDraining}
+	return psView{addr: l.Addr, addrs: addrSetKey(l), live: l.Live(now), draining: l.State == PSDraining}
+}
+
+// addrSetKey names a lease's address set in a comparable form, so a view
+// changes (and the PS's routes are re-judged) when an address is added or
+// dropped. A lease with the one primary address gives "".
+func addrSetKey(l PSLease) string {
+	if len(l.Addrs) <= 1 {
+		return ""
+	}
+	parts := make([]string, len(l.Addrs))
+	for i, a := range l.Addrs {
+		parts[i] = a.String()
+	}
+	return strings.Join(parts, " ")
 }
 
 // mirrorEntry is a backend as the mirror keeps it: what lookups and the
 // sink need, without the owner (a million routes would pay for it).
 type mirrorEntry struct {
+	// Addr is the PS address the port was assigned on; invalid for an
+	// entry read without a lease and without an address of its own (it
+	// then means the lease's primary address).
+	Addr    netip.Addr
 	Port    uint16
 	AgentID string
 	Lost    bool // reported lost by its agent (see Backend.Lost)
@@ -268,7 +287,7 @@ func (m *Mirror) setRouteLocked(rt Route) {
 	}
 	es := make(map[string]mirrorEntry, len(rt.Backends))
 	for _, b := range rt.Backends {
-		es[b.PSID] = mirrorEntry{Port: b.Address.Port(), AgentID: b.AgentID, Lost: b.Lost}
+		es[b.PSID] = mirrorEntry{Addr: b.Address.Addr(), Port: b.Address.Port(), AgentID: b.AgentID, Lost: b.Lost}
 		if m.byPS[b.PSID] == nil {
 			m.byPS[b.PSID] = map[netip.AddrPort]struct{}{}
 		}
@@ -287,7 +306,9 @@ func (m *Mirror) viewsLocked(targets map[netip.AddrPort]struct{}, now time.Time)
 }
 
 // viewLocked joins a target's entries with the leases. Backends whose PS
-// has no lease (so no address) are left out: there is nowhere to send to.
+// has no lease are left out (the address, or whether it is still the PS's,
+// is unknown), and so are those whose address the lease no longer
+// advertises (stale, see backendAddress).
 func (m *Mirror) viewLocked(target netip.AddrPort, now time.Time) RouteState {
 	rs := RouteState{Target: target}
 	for ps, e := range m.entries[target] {
@@ -295,8 +316,14 @@ func (m *Mirror) viewLocked(target netip.AddrPort, now time.Time) RouteState {
 		if !ok || e.Port == 0 {
 			continue
 		}
+		addr := e.Addr
+		if !addr.IsValid() {
+			addr = l.Addr
+		} else if !l.HasAddr(addr) {
+			continue
+		}
 		rs.Backends = append(rs.Backends, BackendState{
-			PSID: ps, Address: netip.AddrPortFrom(l.Addr, e.Port), AgentID: e.AgentID,
+			PSID: ps, Address: netip.AddrPortFrom(addr, e.Port), AgentID: e.AgentID,
 			Live: l.Live(now) && !e.Lost, Draining: l.State == PSDraining,
 		})
 	}

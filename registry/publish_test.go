@@ -38,7 +38,7 @@ func TestReleaseQuarantinesThePortsAndWithdrawsTheRoutes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(q) != 2 || nearErr(q[20001], until) != nil || nearErr(q[20002], until) != nil {
+	if len(q) != 2 || nearErr(q[lo(20001)], until) != nil || nearErr(q[lo(20002)], until) != nil {
 		t.Errorf("want ports 20001 and 20002 quarantined until %v, got %v", until, q)
 	}
 	changes, err := reg.ReadChanges(ctx, snap.Cursor, 100, 0)
@@ -66,7 +66,7 @@ func TestALateReleaseKeepsTheNewerRouteButQuarantinesItsOwnPort(t *testing.T) {
 		t.Fatalf("a late release removed the newer backend: %+v %v", rt, err)
 	}
 	q, _ := reg.Quarantined(ctx, "ps1")
-	if _, ok := q[20001]; !ok || len(q) != 1 {
+	if _, ok := q[lo(20001)]; !ok || len(q) != 1 {
 		t.Fatalf("want only the released port 20001 quarantined, got %v", q)
 	}
 }
@@ -88,8 +88,8 @@ func TestReleaseNeverShortensAQuarantine(t *testing.T) {
 	if err := reg.Release(ctx, "ps1", []Publication{{Target: target, Port: 20001}}, clk.Now().Add(time.Minute)); err != nil {
 		t.Fatal(err)
 	}
-	if q, _ := reg.Quarantined(ctx, "ps1"); nearErr(q[20001], later) != nil {
-		t.Fatalf("the longer quarantine was shortened: got %v want %v", q[20001], later)
+	if q, _ := reg.Quarantined(ctx, "ps1"); nearErr(q[lo(20001)], later) != nil {
+		t.Fatalf("the longer quarantine was shortened: got %v want %v", q[lo(20001)], later)
 	}
 }
 
@@ -117,11 +117,11 @@ func TestAReleaseThatFailsHalfwayLeavesNoWithdrawnPortUnquarantined(t *testing.T
 	if qerr != nil {
 		t.Fatal(qerr)
 	}
-	if _, ok := q[20002]; !ok {
+	if _, ok := q[lo(20002)]; !ok {
 		t.Errorf("the port of the failed pair is not quarantined: %v", q)
 	}
 	if _, err := reg.Get(ctx, good); errors.Is(err, ErrNotFound) {
-		if _, ok := q[20001]; !ok {
+		if _, ok := q[lo(20001)]; !ok {
 			t.Fatalf("port 20001 was withdrawn but not quarantined: %v", q)
 		}
 	}

@@ -133,8 +133,8 @@ func (r *Registry) readRoutes(ctx context.Context, targets []string, leases map[
 
 // buildRoute joins a route hash with the PS leases. A backend whose PS has
 // no lease at all is kept with a zero expiry (dead), so readers can tell it
-// apart from a missing one. An entry published with another address than
-// its PS's lease now has is left out (see entry.Addr).
+// apart from a missing one. See backendAddress for the address, and for the
+// entries left out as stale.
 func (r *Registry) buildRoute(target netip.AddrPort, raw map[string]string, leases map[string]PSLease) Route {
 	rt := Route{Target: target, Backends: make([]Backend, 0, len(raw))}
 	for psID, v := range raw {
@@ -144,19 +144,40 @@ func (r *Registry) buildRoute(target netip.AddrPort, raw map[string]string, leas
 			continue
 		}
 		l := leases[psID]
-		if stale := e.Addr != "" && l.Addr.IsValid() && e.Addr != l.Addr.String(); stale {
-			// Published by an earlier instance of this id at another
-			// address, whose leftovers the new holder withdraws at its
-			// start: the new holder's address with the old port would lead
-			// nowhere it chose, so the entry is not a backend at all.
+		addr, ok := backendAddress(e, l)
+		if !ok {
 			continue
 		}
-		// Without a lease the address is invalid but the port is kept, so a
-		// reader that learns the lease later still knows where to go.
 		b := Backend{PSID: psID, AgentID: e.AgentID, Owner: e.Owner, ExpiresAt: l.ExpiresAt, Draining: l.State == PSDraining,
-			Lost: e.Lost, Address: netip.AddrPortFrom(l.Addr, e.Port)}
+			Lost: e.Lost, Address: addr}
 		rt.Backends = append(rt.Backends, b)
 	}
 	sort.Slice(rt.Backends, func(i, j int) bool { return rt.Backends[i].PSID < rt.Backends[j].PSID })
 	return rt
+}
+
+// backendAddress is where a route entry sends its clients: the entry's
+// own address (the PS address its port was assigned on) with its port,
+// or, for an entry written without one (an older version), the lease's
+// primary address. ok is false for a stale entry: its address is not
+// among those its PS's lease advertises now, so it was published by an
+// earlier instance of this id whose leftovers the new holder withdraws at
+// its start, and that port on the new holder's addresses leads nowhere it
+// chose. An unparsable address is stale too.
+//
+// Without a lease the entry's address is kept (invalid for an entry
+// without one) with its port, so a reader that learns the lease later
+// still knows where to go and can judge it then (see Mirror.viewLocked).
+func backendAddress(e entry, l PSLease) (netip.AddrPort, bool) {
+	if e.Addr == "" {
+		return netip.AddrPortFrom(l.Addr, e.Port), true
+	}
+	a, err := netip.ParseAddr(e.Addr)
+	if err != nil {
+		return netip.AddrPort{}, false
+	}
+	if l.Addr.IsValid() && !l.HasAddr(a) {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(a, e.Port), true
 }

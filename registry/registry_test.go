@@ -44,6 +44,11 @@ func newTestRegistry(t *testing.T, url string, now func() time.Time) *Registry {
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
+// lo is port on 127.0.0.1, the address of the leases most tests write.
+func lo(port uint16) netip.AddrPort {
+	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
+}
+
 func lease(id, addr string, until time.Time) PSLease {
 	return PSLease{ID: id, Addr: netip.MustParseAddr(addr), State: PSActive, ExpiresAt: until}
 }
@@ -180,19 +185,19 @@ func TestARefusedClaimLeavesTheHoldersPortIndexed(t *testing.T) {
 		t.Fatalf("the claim: %v %v, want ErrConflict", errs, err)
 	}
 	used, err := reg.PortsInUse(ctx, "ps1")
-	if err != nil || used[20001] != target || len(used) != 1 {
+	if err != nil || used[lo(20001)] != target || len(used) != 1 {
 		t.Fatalf("ports in use after a refused claim: %v %v, want only 20001 -> %s", used, err, target)
 	}
 	until := time.Now().Add(time.Minute)
 	ports, err := reg.WithdrawAll(ctx, "ps1", until)
-	if err != nil || len(ports) != 1 || ports[0] != 20001 {
+	if err != nil || len(ports) != 1 || ports[0] != lo(20001) {
 		t.Fatalf("WithdrawAll after a refused claim: %v %v, want [20001]", ports, err)
 	}
 	if _, err := reg.Get(ctx, target); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("the holder's route survived WithdrawAll: %v", err)
 	}
 	q, err := reg.Quarantined(ctx, "ps1")
-	if _, ok := q[20001]; err != nil || !ok {
+	if _, ok := q[lo(20001)]; err != nil || !ok {
 		t.Fatalf("quarantine after WithdrawAll: %v %v, want 20001", q, err)
 	}
 }
@@ -215,7 +220,7 @@ func TestWithdrawOnlyRemovesTheMatchingPort(t *testing.T) {
 		t.Fatalf("late withdraw removed the newer backend: %+v %v", rt, err)
 	}
 	used, _ := reg.PortsInUse(ctx, "ps1")
-	if len(used) != 1 || used[20002] != target {
+	if len(used) != 1 || used[lo(20002)] != target {
 		t.Fatalf("ports in use: %v", used)
 	}
 	if err := reg.withdraw(ctx, "ps1", []Publication{{Target: target, Port: 20002}}, ""); err != nil {
@@ -252,7 +257,7 @@ func TestDeadPSIsCollectedAndItsPortsQuarantined(t *testing.T) {
 		t.Fatalf("dead PS still holds ports: %v", used)
 	}
 	q, err := reg.Quarantined(ctx, "ps1")
-	if err != nil || len(q) != 2 || nearErr(q[20001], clk.Now().Add(time.Minute)) != nil {
+	if err != nil || len(q) != 2 || nearErr(q[lo(20001)], clk.Now().Add(time.Minute)) != nil {
 		t.Fatalf("ports of a dead PS must be quarantined for a minute: %v %v", q, err)
 	}
 	leases, _ := reg.PSLeases(ctx)
@@ -265,7 +270,7 @@ func TestDeadPSIsCollectedAndItsPortsQuarantined(t *testing.T) {
 	}
 	testutil.Eventually(t, 5*time.Second, "the short quarantine ends", func() error {
 		q, err := reg.Quarantined(ctx, "ps1")
-		if _, ok := q[20003]; err != nil || ok || len(q) != 2 {
+		if _, ok := q[lo(20003)]; err != nil || ok || len(q) != 2 {
 			return fmt.Errorf("quarantine %v %v: want only 20001 and 20002", q, err)
 		}
 		return nil

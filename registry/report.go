@@ -44,12 +44,13 @@ for i = 5, #ARGV, 2 do
       if tostring(e.port) == port and e.agent_id == agent and eo == owner then
         e.lost = true
         redis.call('HSET', rkey, ps, cjson.encode(e))
-        redis.call('XADD', p .. ':changes', 'MAXLEN', '~', maxlen, '*', 'k', 'route', 'id', target)
+        redis.call('XADD', p .. ':changes', '*', 'k', 'route', 'id', target)
         marked = marked + 1
       end
     end
   end
 end
+redis.call('XTRIM', p .. ':changes', 'MAXLEN', '~', maxlen)
 return marked
 `)
 
@@ -58,7 +59,7 @@ return marked
 // (target, port) pairs: only those whose entry still names agentID, owner
 // (the credential key of the session that carried the report) and the same
 // port. A publication's own AgentID and Owner are ignored; the arguments
-// decide. It returns how many backends were marked. Pairs are sent in batches of 500, each one
+// decide. It returns how many backends were marked. Pairs are sent in batches (batchSize), each one
 // atomic script call.
 func (r *Registry) DropBackends(ctx context.Context, deadPS, agentID, owner string, pubs []Publication) (int, error) {
 	if err := validPSID(deadPS); err != nil {

@@ -94,7 +94,7 @@ func TestDropBackendsMarksOnlyTheReportedAgentsEntryDead(t *testing.T) {
 	// The dead PS's own withdrawal (or a peer's collection) later still
 	// finds and quarantines the ports, and is harmless.
 	used, _ := reg.PortsInUse(ctx, "ps1")
-	if _, ok := used[20001]; !ok {
+	if _, ok := used[lo(20001)]; !ok {
 		t.Errorf("the dropped port's record is gone, so its quarantine would be skipped: %v", used)
 	}
 	if err := reg.Release(ctx, "ps1", []Publication{{Target: a, Port: 20001}, {Target: b, Port: 20002}}, clk.Now().Add(time.Minute)); err != nil {

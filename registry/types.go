@@ -48,8 +48,16 @@ const (
 // converts what it reads into its own clock (see ExpiresAt), so no two
 // hosts' wall clocks are ever compared.
 type PSLease struct {
-	ID    string
-	Addr  netip.Addr
+	ID string
+	// Addr is the PS's primary address: the one older readers, which know
+	// no other, use for every backend of the PS.
+	Addr netip.Addr
+	// Addrs is every address the PS advertises, Addr first. A writer may
+	// leave it nil, which means [Addr]; when set it must contain Addr.
+	// Every lease read back from the registry has it (at least [Addr]).
+	// A PS allocates its ports across all of them, so a backend's port is
+	// only meaningful with its address (see Publication.Addr).
+	Addrs []netip.Addr
 	State PSState
 	// Nonce names the instance (process) that holds the id: random, made
 	// at its start. A writer that sets it claims the id (ClaimPS) and has
@@ -70,14 +78,31 @@ type PSLease struct {
 	ExpiresAt time.Time
 }
 
+// HasAddr reports whether a is one of the addresses the PS advertises.
+func (l PSLease) HasAddr(a netip.Addr) bool {
+	if len(l.Addrs) == 0 {
+		return a == l.Addr
+	}
+	for _, x := range l.Addrs {
+		if x == a {
+			return true
+		}
+	}
+	return false
+}
+
 // Live reports whether the PS may receive new connections at now.
 func (l PSLease) Live(now time.Time) bool {
 	return l.State == PSActive && now.Before(l.ExpiresAt)
 }
 
-// Publication is one backend a PS publishes: target -> (this PS, Port).
+// Publication is one backend a PS publishes: target -> (this PS, Addr, Port).
 type Publication struct {
-	Target  netip.AddrPort
+	Target netip.AddrPort
+	// Addr is the PS address of the port assigned to the target, one of
+	// the lease's Addrs. The zero Addr means the lease's (primary) Addr, as
+	// callers that know one address only mean.
+	Addr    netip.Addr
 	Port    uint16
 	AgentID string
 	// Owner is an opaque name of the credential the agent authenticated

@@ -89,7 +89,7 @@ func TestPSWhoseLeaseIsTakenExits(t *testing.T) {
 		t.Errorf("the taken-over ps still serves %s: %q", be.Address, got)
 	}
 	used, err := reg.PortsInUse(context.Background(), "ps1")
-	if err != nil || used[be.Address.Port()] != a1Target {
+	if err != nil || used[be.Address] != a1Target {
 		t.Errorf("the taken-over ps withdrew the id's routes: ports in use %v, %v", used, err)
 	}
 }

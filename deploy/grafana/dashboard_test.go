@@ -258,6 +258,7 @@ func TestDashboardQueriesReadCataloguedMetrics(t *testing.T) {
 	for _, must := range []string{
 		"tether_ps_tunnels", "tether_ps_handshakes_total", "tether_ps_streams_open", "tether_ps_stream_errors_total",
 		"tether_ps_lost_tunnel_reports_total", "tether_ps_intent_total",
+		"tether_ps_ports_allocated", "tether_ps_ports_capacity", "tether_ps_data_plane",
 		"tether_agent_tunnels", "tether_agent_reconnects_total", "tether_agent_stream_errors_total", "tether_agent_lost_tunnel_reports_total",
 		"tether_redirector_routes", "tether_redirector_map_full", "tether_redirector_bpf_events_total", "tether_redirector_passive_health_total",
 		"tether_mirror_registry_reachable", "tether_mirror_registry_outages_total",

@@ -455,7 +455,7 @@ func (c *checker) checkRole(where string, spec *corev1.PodSpec, ctr *corev1.Cont
 			c.errorf("%s: terminationGracePeriodSeconds %d does not exceed --drain-timeout %s: the kubelet kills the drain", where, grace, d)
 		}
 	}
-	c.checkSandbox(where, spec, ctr, inv.role)
+	c.checkSandbox(where, spec, ctr, inv)
 	switch inv.role {
 	case "ps":
 		if f := fieldRefOf(ctr, inv.values["id"]); f != "metadata.name" {
@@ -530,20 +530,27 @@ func (c *checker) checkRole(where string, spec *corev1.PodSpec, ctr *corev1.Cont
 	}
 }
 
-// checkSandbox: the PS, the agent and the proxy run as a user other than
-// root with the runtime's default seccomp profile; the redirector runs as
-// uid 0 (it owns the pins) under a profile that allows bpf(2), which the
-// runtimes' default profiles refuse without CAP_SYS_ADMIN (test/container
-// shows it).
-func (c *checker) checkSandbox(where string, spec *corev1.PodSpec, ctr *corev1.Container, role string) {
+// checkSandbox: the agent and the proxy, and a PS with the listeners data
+// plane, run as a user other than root with the runtime's default seccomp
+// profile and no capability. The redirector, and a PS whose data plane is
+// sk_lookup (or auto, which tries it), load BPF: they run as uid 0 (the
+// redirector owns its pins; Kubernetes gives a non-root container no
+// ambient capabilities, so added ones would never reach tether) under a
+// profile that allows bpf(2), which the runtimes' default profiles refuse
+// without CAP_SYS_ADMIN (test/container shows it).
+func (c *checker) checkSandbox(where string, spec *corev1.PodSpec, ctr *corev1.Container, inv *invocation) {
+	role := inv.role
 	seccomp := corev1.SeccompProfileType("")
 	nonRoot := false
+	var uid *int64
 	if psc := spec.SecurityContext; psc != nil {
 		if psc.SeccompProfile != nil {
 			seccomp = psc.SeccompProfile.Type
 		}
 		nonRoot = psc.RunAsNonRoot != nil && *psc.RunAsNonRoot
+		uid = psc.RunAsUser
 	}
+	var added []string
 	if sc := ctr.SecurityContext; sc != nil {
 		if sc.SeccompProfile != nil {
 			seccomp = sc.SeccompProfile.Type
@@ -551,13 +558,32 @@ func (c *checker) checkSandbox(where string, spec *corev1.PodSpec, ctr *corev1.C
 		if sc.RunAsNonRoot != nil {
 			nonRoot = *sc.RunAsNonRoot
 		}
+		if sc.RunAsUser != nil {
+			uid = sc.RunAsUser
+		}
 		if sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
 			c.errorf("%s: readOnlyRootFilesystem must be true (tether writes nothing to its image)", where)
 		}
+		if sc.Capabilities != nil {
+			for _, cp := range sc.Capabilities.Add {
+				added = append(added, strings.TrimPrefix(string(cp), "CAP_"))
+			}
+		}
 	}
-	if role == "redirector" {
+	loadsBPF := role == "redirector"
+	if role == "ps" {
+		plane := inv.values["data-plane"]
+		if plane == "" {
+			plane = "auto" // the binary's default
+		}
+		loadsBPF = plane != "listeners"
+		if loadsBPF {
+			c.checkPSCapabilities(where, plane, added, nonRoot, uid)
+		}
+	}
+	if loadsBPF {
 		if seccomp == corev1.SeccompProfileTypeRuntimeDefault || seccomp == "" {
-			c.errorf("%s: seccomp %q refuses bpf(2) without CAP_SYS_ADMIN: the redirector needs Unconfined or a Localhost profile that allows bpf", where, seccomp)
+			c.errorf("%s: seccomp %q refuses bpf(2) without CAP_SYS_ADMIN: the %s needs Unconfined or a Localhost profile that allows bpf", where, seccomp, role)
 		}
 		return
 	}
@@ -567,8 +593,34 @@ func (c *checker) checkSandbox(where string, spec *corev1.PodSpec, ctr *corev1.C
 	if !nonRoot {
 		c.errorf("%s: %s needs no root: set runAsNonRoot", where, role)
 	}
-	if sc := ctr.SecurityContext; sc != nil && sc.Capabilities != nil && len(sc.Capabilities.Add) > 0 {
-		c.errorf("%s: %s needs no capability, adds %v", where, role, sc.Capabilities.Add)
+	if len(added) > 0 {
+		c.errorf("%s: %s needs no capability, adds %v", where, role, added)
+	}
+}
+
+// checkPSCapabilities: a PS that loads the sk_lookup data plane (plane
+// sk_lookup or auto) is given exactly CAP_BPF and CAP_NET_ADMIN, as the
+// systemd unit is (deploy/capabilities_linux_test.go measures the set), and
+// runs as uid 0 so that it has them: Kubernetes sets no ambient
+// capabilities, so a non-root container's added capabilities are dropped at
+// exec, and auto would quietly fall back to listeners.
+func (c *checker) checkPSCapabilities(where, plane string, added []string, nonRoot bool, uid *int64) {
+	have := map[string]bool{}
+	for _, cp := range added {
+		have[cp] = true
+	}
+	for _, need := range []string{"BPF", "NET_ADMIN"} {
+		if !have[need] {
+			c.errorf("%s: the sk_lookup data plane (--data-plane %s) needs CAP_%s (see deploy/systemd/tether-ps.service); add it, or use --data-plane listeners", where, plane, need)
+		}
+	}
+	for _, cp := range added {
+		if cp != "BPF" && cp != "NET_ADMIN" {
+			c.errorf("%s: the PS needs CAP_BPF and CAP_NET_ADMIN only, adds %s", where, cp)
+		}
+	}
+	if nonRoot || uid == nil || *uid != 0 {
+		c.errorf("%s: the PS adds capabilities for sk_lookup but does not run as uid 0 (runAsUser 0, runAsNonRoot false): Kubernetes gives a non-root container no ambient capabilities, so tether would never hold them", where)
 	}
 }
 

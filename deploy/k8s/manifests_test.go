@@ -19,7 +19,7 @@ import (
 func sortStrings(s []string) { sort.Strings(s) }
 
 // builds are the kustomizations an operator may apply.
-var builds = []string{"base", "overlays/production", "overlays/tls"}
+var builds = []string{"base", "overlays/production", "overlays/tls", "overlays/listeners"}
 
 // tetherHelp is filled by TestMain: the flags of every daemon, read from the
 // --help of the binary built from this tree.
@@ -180,6 +180,18 @@ func TestOverlaysChangeWhatTheySay(t *testing.T) {
 	}
 	if tls.Namespace != "tether" {
 		t.Errorf("namespace %q, want tether", tls.Namespace)
+	}
+	// overlays/listeners takes back the capabilities and root of the base.
+	listeners := ps(mustBuild(t, "overlays/listeners"))
+	bsc, lsc := base.Spec.Template.Spec.Containers[0].SecurityContext, listeners.Spec.Template.Spec.Containers[0].SecurityContext
+	if len(bsc.Capabilities.Add) != 2 || *bsc.RunAsUser != 0 {
+		t.Errorf("base PS: capabilities %v as uid %d, want BPF and NET_ADMIN as uid 0", bsc.Capabilities.Add, *bsc.RunAsUser)
+	}
+	if len(lsc.Capabilities.Add) != 0 || *lsc.RunAsUser == 0 || !*lsc.RunAsNonRoot {
+		t.Errorf("listeners overlay PS: capabilities %v as uid %d, want none as a non-root uid", lsc.Capabilities.Add, *lsc.RunAsUser)
+	}
+	if *listeners.Spec.Replicas != 3 {
+		t.Errorf("listeners overlay: %d replicas, want production's 3", *listeners.Spec.Replicas)
 	}
 }
 
@@ -342,10 +354,27 @@ func TestConsistencyRulesCatchMistakes(t *testing.T) {
 			no := false
 			s.SecurityContext.RunAsNonRoot = &no
 		}, `agent needs no root`},
-		{"PS with a capability", func(o []object) {
+		{"PS with a capability beyond sk_lookup's", func(o []object) {
 			_, c := container(o, "tether-ps")
-			c.SecurityContext.Capabilities.Add = []corev1.Capability{"NET_BIND_SERVICE"}
-		}, `ps needs no capability`},
+			c.SecurityContext.Capabilities.Add = append(c.SecurityContext.Capabilities.Add, "NET_BIND_SERVICE")
+		}, `needs CAP_BPF and CAP_NET_ADMIN only, adds NET_BIND_SERVICE`},
+		{"sk_lookup PS without CAP_NET_ADMIN", func(o []object) {
+			_, c := container(o, "tether-ps")
+			c.SecurityContext.Capabilities.Add = []corev1.Capability{"BPF"}
+		}, `needs CAP_NET_ADMIN`},
+		{"sk_lookup PS as non-root", func(o []object) {
+			_, c := container(o, "tether-ps")
+			uid, yes := int64(65532), true
+			c.SecurityContext.RunAsUser, c.SecurityContext.RunAsNonRoot = &uid, &yes
+		}, `no ambient capabilities`},
+		{"sk_lookup PS under the default seccomp profile", func(o []object) {
+			_, c := container(o, "tether-ps")
+			c.SecurityContext.SeccompProfile.Type = corev1.SeccompProfileTypeRuntimeDefault
+		}, `the ps needs Unconfined`},
+		{"listeners PS with capabilities", func(o []object) {
+			_, c := container(o, "tether-ps")
+			c.Env = append(c.Env, corev1.EnvVar{Name: "TETHER_DATA_PLANE", Value: "listeners"})
+		}, `ps needs no capability, adds [BPF NET_ADMIN]`},
 		{"second image", func(o []object) {
 			_, c := container(o, "tether-agent")
 			c.Image = "ghcr.io/tether-net/tether:0.0.9"

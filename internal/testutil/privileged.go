@@ -50,3 +50,11 @@ func RequireBinary(t testing.TB, name string) string {
 	t.Skipf("skipped: %s is not installed (run scripts/setup.sh)", name)
 	return ""
 }
+
+// netnsEnv marks a test binary that MainInPrivateNetns (Linux) started in
+// a network namespace of its own.
+const netnsEnv = "TETHER_TEST_PRIVATE_NETNS"
+
+// InPrivateNetns reports whether this test binary runs in the network
+// namespace MainInPrivateNetns created for it.
+func InPrivateNetns() bool { return os.Getenv(netnsEnv) == "1" }

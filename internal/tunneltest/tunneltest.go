@@ -82,7 +82,14 @@ func StartPS(t *testing.T, redisURL, id string, mod func(*ps.Config)) *PSNode {
 	cfg := ps.DefaultConfig()
 	cfg.ID = id
 	cfg.Listen = "127.0.0.1:0"
-	cfg.Advertise = "127.0.0.1"
+	cfg.Advertise = []string{"127.0.0.1"}
+	// sk_lookup attaches to the whole network namespace: only in one the
+	// test binary created for itself (testutil.MainInPrivateNetns), never
+	// the machine's.
+	cfg.DataPlane = ps.DataPlaneListeners
+	if testutil.InPrivateNetns() {
+		cfg.DataPlane = ps.DataPlaneSKLookup
+	}
 	cfg.Redis = redisURL
 	cfg.Ports = FreeRange(t, 20)
 	cfg.TokenFile = WriteTokens(t, Token+" * "+AgentRange+"\n")

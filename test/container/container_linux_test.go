@@ -95,6 +95,10 @@ func TestTheImageRunsTheRealJobFromContainers(t *testing.T) {
 	ps := p.start(name+"-ps", append(slices.Clone(sandbox),
 		"-v", psTokens+":/etc/tether/tokens:ro",
 		img, "ps", "--id", "ps1", "--listen", psListen, "--advertise", "127.0.0.1",
+		// The container shares the host's network namespace: the
+		// sk_lookup data plane would attach to it (without capabilities it
+		// could not load anyway, and auto would fall back).
+		"--data-plane", "listeners",
 		"--ports", tunneltest.FreeRange(t, 10), "--redis", rd.URL(),
 		"--token-file", "/etc/tether/tokens", "--agent-cidrs", agentCIDR)...)
 	testutil.WaitTCP(t, psListen, 30*time.Second)

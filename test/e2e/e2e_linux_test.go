@@ -130,6 +130,7 @@ func TestCompanyNetwork(t *testing.T) {
 		{"bad input on the wire is refused and the others keep working", badInputIsRefused},
 		{"200 exposed endpoints across the agents are all reachable", manyEndpoints},
 		{"a PS drain (SIGTERM) fails no request", psDrain},
+		{"a PS on the per-port listener data plane serves beside one on sk_lookup, and the switch fails no request", listenerPlane},
 		{"kill -9 of a PS costs milliseconds and misroutes nothing", psKill},
 		{"a PS that vanishes silently costs about a second; its 1,000 client sockets are destroyed", psSilentDeath},
 		{"a redirector restart fails nothing and the new process syncs new routes", redirectorRestart},
@@ -365,6 +366,107 @@ func psDrain(t *testing.T, w *world) {
 	for host := range agents {
 		w.waitBackends(t, w.Target(host), 2)
 	}
+}
+
+// psMetric reads one sample of a PS node's /metrics inside its namespace
+// (line is the series as exported, labels included).
+func (w *world) psMetric(t *testing.T, ps, series string) float64 {
+	t.Helper()
+	url := fmt.Sprintf("http://%s:%d/metrics", w.N.Hosts[ps].IP, netsim.PSMetricsPort)
+	body, err := w.N.Run(ps, "curl", "-sS", "--max-time", "5", url)
+	if err != nil {
+		t.Fatalf("metrics of %s: %v %s", ps, err, body)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			var v float64
+			if _, err := fmt.Sscanf(rest, "%g", &v); err == nil {
+				return v
+			}
+		}
+	}
+	t.Fatalf("%s exports no %s", ps, series)
+	return 0
+}
+
+// restartPS drains a PS node (SIGTERM) and starts it again on the given
+// data plane, then waits until every agent has both backends again.
+func (w *world) restartPS(t *testing.T, name, plane string) {
+	t.Helper()
+	p := w.Procs[name]
+	_ = p.Signal(syscall.SIGTERM)
+	if err := p.Wait(20 * time.Second); err != nil {
+		t.Fatalf("%s did not finish draining: %v", name, err)
+	}
+	w.DataPlanes[name] = plane
+	must(t)(w.StartPS(name))
+	for host := range agents {
+		w.waitBackends(t, w.Target(host), 2)
+	}
+}
+
+// listenerPlane runs the pool mixed: ps1 on the per-port listeners (the
+// fallback for hosts where sk_lookup cannot load), ps2 on sk_lookup (the
+// default of every other scenario). Both switches, ps1 to listeners and
+// back, are drains under a client loop and fail nothing; while mixed,
+// every agent answers through both nodes.
+func listenerPlane(t *testing.T, w *world) {
+	const sk, ls = `tether_ps_data_plane{plane="sk_lookup"}`, `tether_ps_data_plane{plane="listeners"}`
+	for _, ps := range []string{"ps1", "ps2"} {
+		if w.psMetric(t, ps, sk) != 1 {
+			t.Fatalf("%s does not run the sk_lookup data plane by default", ps)
+		}
+	}
+	loop := w.startLoop(t)
+	at := time.Now()
+	w.restartPS(t, "ps1", "listeners")
+	if w.psMetric(t, "ps1", ls) != 1 || w.psMetric(t, "ps2", sk) != 1 {
+		t.Fatal("after the restart ps1 should run the listeners plane and ps2 sk_lookup")
+	}
+	if !strings.Contains(w.Procs["ps1"].Log(), "data_plane=listeners") {
+		t.Fatalf("ps1 does not log its data plane:\n%s", tail(w.Procs["ps1"].Log(), 2000))
+	}
+	// Each node answers for every agent: dial its backends directly from
+	// central (outside the client cgroup, so nothing is redirected).
+	routes, err := w.routes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := map[string]int{}
+	for _, r := range routes {
+		host, ok := agentOf(w, r.Target)
+		if !ok {
+			continue
+		}
+		for _, b := range r.Backends {
+			out, err := w.Curl(false, "http://"+b.Address+"/")
+			if err != nil || out != host {
+				t.Fatalf("%s via %s (%s): %q, %v; want %q", r.Target, b.Address, b.PSID, out, err, host)
+			}
+			served[b.PSID]++
+		}
+	}
+	if served["ps1"] == 0 || served["ps2"] == 0 {
+		t.Fatalf("backends answered per node %v: want both nodes", served)
+	}
+	w.restartPS(t, "ps1", "")
+	loop.waitOK(t, time.Now(), "after ps1 is back on sk_lookup")
+	run := loop.stop(t)
+	t.Logf("FIGURE plane_switch_failed_requests=%d ok=%d served_directly=%v", len(run.with(resultFailed)), len(run.with(resultOK)), served)
+	disturbance{what: "two PS drains switching the data plane", at: at}.check(t, run, loop.targets)
+	if w.psMetric(t, "ps1", sk) != 1 {
+		t.Fatal("ps1 is not back on sk_lookup")
+	}
+}
+
+// agentOf names the agent host whose service target is, if any.
+func agentOf(w *world, target string) (string, bool) {
+	for host := range agents {
+		if w.Target(host) == target {
+			return host, true
+		}
+	}
+	return "", false
 }
 
 // redirectorRestart kills the redirector under load and starts a new one:

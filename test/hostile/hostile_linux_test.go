@@ -28,25 +28,29 @@ import (
 
 var tetherBin string
 
+// The suite runs in a network namespace of its own (root): its PS nodes use
+// the sk_lookup data plane by default, which attaches to the whole
+// namespace, never to be the machine's.
 func TestMain(m *testing.M) {
-	flag.Parse()
-	if testing.Short() {
-		// The suite runs real processes; -short (make test-unit) skips it.
-		os.Exit(m.Run())
-	}
-	dir, err := os.MkdirTemp("", "tether-hostile")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	tetherBin, err = testutil.BuildTether(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(testutil.MainInPrivateNetns(func() int {
+		flag.Parse()
+		if testing.Short() {
+			// The suite runs real processes; -short (make test-unit) skips it.
+			return m.Run()
+		}
+		dir, err := os.MkdirTemp("", "tether-hostile")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		tetherBin, err = testutil.BuildTether(dir)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		return m.Run()
+	}))
 }
 
 func skipShort(t *testing.T) {

@@ -41,11 +41,15 @@ type System struct {
 	PinDir string
 	Procs  map[string]*Proc
 	Token  string
+	// DataPlanes, by PS node name, is the --data-plane a node starts with;
+	// a node not named gets sk_lookup (asked for by name, so a plane that
+	// cannot load fails the start instead of falling back quietly).
+	DataPlanes map[string]string
 }
 
 // NewSystem prepares a system; nothing runs yet.
 func NewSystem(n *Network, tether, dir, cgroup, pinDir string) (*System, error) {
-	s := &System{N: n, Tether: tether, Dir: dir, Cgroup: cgroup, PinDir: pinDir, Procs: map[string]*Proc{}, Token: "netsim-" + n.Prefix}
+	s := &System{N: n, Tether: tether, Dir: dir, Cgroup: cgroup, PinDir: pinDir, Procs: map[string]*Proc{}, Token: "netsim-" + n.Prefix, DataPlanes: map[string]string{}}
 	if err := os.WriteFile(s.TokenFile(), []byte(s.Token+" * 198.18.0.0/15\n"), 0o600); err != nil {
 		return nil, err
 	}
@@ -112,7 +116,11 @@ func (s *System) StartRedis(ctx context.Context) error {
 // StartPS starts the PS node name (ps1 or ps2) on its host.
 func (s *System) StartPS(name string) (*Proc, error) {
 	ip := s.N.Hosts[name].IP.String()
-	return s.start(name, name, StartOpts{}, s.Tether, "ps", "--id", name, "--listen", ip+":7000", "--advertise", ip,
+	plane := s.DataPlanes[name]
+	if plane == "" {
+		plane = "sk_lookup"
+	}
+	return s.start(name, name, StartOpts{}, s.Tether, "ps", "--id", name, "--listen", ip+":7000", "--advertise", ip, "--data-plane", plane,
 		"--ports", fmt.Sprintf("%d-%d", PortsFirst, PortsLast), "--redis", RedisURL, "--token-file", s.TokenFile(),
 		"--allow-clients", "198.18.3.0/24", "--lease", Lease.String(), "--renew", "500ms", "--drain-timeout", "5s",
 		"--metrics", ip+":"+fmt.Sprint(PSMetricsPort))

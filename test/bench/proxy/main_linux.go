@@ -114,7 +114,8 @@ func startTether(ctx context.Context, redisURL, svc string) (string, error) {
 	var servers []string
 	for i, ports := range []string{"41000-41099", "41100-41199"} {
 		cfg := ps.DefaultConfig()
-		cfg.ID, cfg.Listen, cfg.Advertise, cfg.Redis, cfg.Ports, cfg.Logger = fmt.Sprintf("ps%d", i+1), "127.0.0.1:0", "127.0.0.1", redisURL, ports, quiet
+		cfg.ID, cfg.Listen, cfg.Advertise, cfg.Redis, cfg.Ports, cfg.Logger = fmt.Sprintf("ps%d", i+1), "127.0.0.1:0", []string{"127.0.0.1"}, redisURL, ports, quiet
+		cfg.DataPlane = ps.DataPlaneListeners
 		if err := benchutil.PSCredentials(&cfg); err != nil {
 			return "", err
 		}

@@ -2,8 +2,15 @@
 // direct connection, in one run: bulk throughput (1 and 8 streams),
 // request/response latency on a kept connection, and the rate of
 // connect+request+close; then the registration rate of one large
-// handshake and the PS's memory per endpoint. It starts its own
-// redis-server, two PS nodes and an agent in this process.
+// handshake and the PS's memory per endpoint; then connect+request+close
+// and bulk through each of the PS's two data planes (a socket per port,
+// and sk_lookup steering every port to one socket). It starts its own
+// redis-server, PS nodes and agents in this process.
+//
+// As root it runs in a network namespace of its own (it starts itself
+// again there): the sk_lookup plane attaches BPF to the whole namespace,
+// never the machine's. Without root it runs where it is, without the
+// sk_lookup rows.
 //
 // Every run also checks what holds on any machine, however loaded (each
 // figure positive and finite, every row measured, echoed bytes as sent,
@@ -35,6 +42,7 @@ import (
 	"time"
 
 	"github.com/tether-net/tether/agent"
+	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/ps"
 	"github.com/tether-net/tether/registry"
 	"github.com/tether-net/tether/test/bench/benchutil"
@@ -64,16 +72,19 @@ func main() {
 			chk.Finish(err)
 		}
 	}
-	if cfg.cpuprofile != "" {
-		f, err := os.Create(cfg.cpuprofile)
-		if err != nil {
-			chk.Finish(err)
+	os.Exit(testutil.MainInPrivateNetns(func() int {
+		if cfg.cpuprofile != "" {
+			f, err := os.Create(cfg.cpuprofile)
+			if err != nil {
+				chk.Finish(err)
+			}
+			_ = pprof.StartCPUProfile(f)
 		}
-		_ = pprof.StartCPUProfile(f)
-	}
-	err := run(cfg, chk)
-	pprof.StopCPUProfile()
-	chk.Finish(err)
+		err := run(cfg, chk)
+		pprof.StopCPUProfile()
+		chk.Finish(err)
+		return 0
+	}))
 }
 
 type row struct {
@@ -109,7 +120,7 @@ func run(cfg config, chk *benchutil.Checks) error {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	env, err := startTether(ctx, redisURL, tunnel.DefaultStreamWindow, direct)
+	env, err := startTether(ctx, redisURL, tunnel.DefaultStreamWindow, direct, ps.DataPlaneListeners)
 	if err != nil {
 		return err
 	}
@@ -122,6 +133,9 @@ func run(cfg config, chk *benchutil.Checks) error {
 	for _, r := range rows {
 		chk.Positive(r.metric+", direct", r.direct)
 		chk.Positive(r.metric+", via tether", r.tether)
+	}
+	if err := dataPlanes(ctx, redisURL, cfg.dur, direct, env.servers, chk); err != nil {
+		return err
 	}
 	return windowTable(ctx, redisURL, cfg, direct, chk)
 }
@@ -208,7 +222,7 @@ func windowTable(ctx context.Context, redisURL string, cfg config, direct server
 			return fmt.Errorf("-windows: %w", err)
 		}
 		wctx, wcancel := context.WithCancel(ctx)
-		wenv, err := startTether(wctx, redisURL, uint32(n), direct)
+		wenv, err := startTether(wctx, redisURL, uint32(n), direct, ps.DataPlaneListeners)
 		if err != nil {
 			wcancel()
 			return err
@@ -225,6 +239,78 @@ func windowTable(ctx context.Context, redisURL string, cfg config, direct server
 		fmt.Printf("  %6d KiB  %8.0f  %8.0f\n", n>>10, one, eight)
 	}
 	return nil
+}
+
+// dataPlanes compares the PS's two data planes in one run:
+// connect+request+close and bulk (1 stream), direct, through the PS pair
+// with listeners (env, the rows above) and through a pair with sk_lookup,
+// each as a ratio to direct, then sk_lookup against listeners. The
+// sk_lookup plane attaches BPF to the whole network namespace, so it runs
+// only in this run's own (see main).
+func dataPlanes(ctx context.Context, redisURL string, d time.Duration, direct, listeners servers, chk *benchutil.Checks) error {
+	const name = "data planes"
+	if !wanted(name) {
+		return nil
+	}
+	if !testutil.InPrivateNetns() {
+		fmt.Println("\ndata planes: sk_lookup not measured: it needs root, to run in a network namespace of its own")
+		return nil
+	}
+	sk, err := startTether(ctx, redisURL, tunnel.DefaultStreamWindow, direct, ps.DataPlaneSKLookup)
+	if err != nil {
+		return fmt.Errorf("%s: the sk_lookup PS pair: %w", name, err)
+	}
+	defer sk.stop()
+	fmt.Printf("\ndata planes: a socket per port (listeners) vs one socket steered by sk_lookup (median of %d rounds)\n", planeRounds)
+	var rows []row
+	var vs []string
+	for _, m := range []struct {
+		name, unit          string
+		direct, lis, skAddr string
+		f                   func(string) (float64, error)
+	}{
+		{"conn+req+close x8", "conn/s", direct.rpc, listeners.rpc, sk.rpc, func(a string) (float64, error) { return connectRate(a, 8, d) }},
+		{"bulk, 1 stream", "MiB/s", direct.bulk, listeners.bulk, sk.bulk, func(a string) (float64, error) { return bulkRate(a, 1, d) }},
+	} {
+		// Rounds in alternating order, medians: on a small loaded machine
+		// whichever runs first or last in a row is favoured otherwise.
+		var runs [3][]float64 // direct, listeners, sk_lookup
+		for round := range planeRounds {
+			order := []int{0, 1, 2}
+			if round%2 == 1 {
+				order = []int{2, 1, 0}
+			}
+			for _, i := range order {
+				v, err := m.f([]string{m.direct, m.lis, m.skAddr}[i])
+				if err != nil {
+					return fmt.Errorf("%s, %s: %w", name, [3]string{"direct", "listeners", "sk_lookup"}[i], err)
+				}
+				runs[i] = append(runs[i], v)
+			}
+		}
+		var got [3]float64
+		for i := range got {
+			got[i] = median(runs[i])
+		}
+		rows = append(rows, row{m.name + ", listeners", got[0], got[1], m.unit, true}, row{m.name + ", sk_lookup", got[0], got[2], m.unit, true})
+		vs = append(vs, fmt.Sprintf("%s %.2fx", m.name, got[2]/got[1]))
+	}
+	printTable(rows)
+	fmt.Printf("sk_lookup / listeners: %s\n", strings.Join(vs, ", "))
+	for _, r := range rows {
+		chk.Positive(name+": "+r.metric+", direct", r.direct)
+		chk.Positive(name+": "+r.metric+", via tether", r.tether)
+	}
+	return nil
+}
+
+// planeRounds is how many times dataPlanes measures each plane.
+const planeRounds = 3
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
@@ -260,10 +346,16 @@ var rangeNext atomic.Int32
 
 func init() { rangeNext.Store(30000) }
 
-// startTether starts two PS nodes and an agent exposing the three servers,
-// and returns the first PS's address for each endpoint once the registry
-// holds both backends of each.
-func startTether(ctx context.Context, redisURL string, window uint32, direct servers) (*tetherEnv, error) {
+// envNext numbers the environments: each agent exposes its endpoints on
+// an address of its own, so environments that overlap (the data-plane
+// and window comparisons start one while the first runs) never claim the
+// same targets.
+var envNext atomic.Int32
+
+// startTether starts two PS nodes with the data plane plane and an agent
+// exposing the three servers, and returns the first PS's address for each
+// endpoint once the registry holds both backends of each.
+func startTether(ctx context.Context, redisURL string, window uint32, direct servers, plane string) (*tetherEnv, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	var pss []*ps.PS
@@ -280,7 +372,8 @@ func startTether(ctx context.Context, redisURL string, window uint32, direct ser
 		cfg := ps.DefaultConfig()
 		cfg.ID = fmt.Sprintf("bench-ps%d-%d", i, rangeNext.Load())
 		cfg.Listen = "127.0.0.1:0"
-		cfg.Advertise = "127.0.0.1"
+		cfg.Advertise = []string{"127.0.0.1"}
+		cfg.DataPlane = plane
 		lo := int(rangeNext.Add(100)) - 100
 		cfg.Ports = fmt.Sprintf("%d-%d", lo, lo+99)
 		cfg.Redis = redisURL
@@ -307,7 +400,8 @@ func startTether(ctx context.Context, redisURL string, window uint32, direct ser
 	}
 	acfg := agent.DefaultConfig()
 	acfg.ID = fmt.Sprintf("bench-agent-%d", rangeNext.Load())
-	acfg.IP = "127.77.0.1"
+	agentIP := netip.AddrFrom4([4]byte{127, 77, 0, byte(envNext.Add(1))})
+	acfg.IP = agentIP.String()
 	acfg.Servers = addrs
 	acfg.Expose = []string{"1=" + direct.bulk, "2=" + direct.echo, "3=" + direct.rpc}
 	acfg.StreamWindow = int(window)
@@ -321,7 +415,7 @@ func startTether(ctx context.Context, redisURL string, window uint32, direct ser
 	wg.Add(1)
 	go func() { defer wg.Done(); _ = ag.Run(ctx) }()
 	env := &tetherEnv{stop: stop}
-	if err := waitBackends(ctx, redisURL, &env.servers); err != nil {
+	if err := waitBackends(ctx, redisURL, agentIP, &env.servers); err != nil {
 		stop()
 		return nil, err
 	}
@@ -329,15 +423,16 @@ func startTether(ctx context.Context, redisURL string, window uint32, direct ser
 }
 
 // waitBackends waits until the registry holds two backends for each of the
-// agent's three endpoints and sets via to the first PS's ports.
-func waitBackends(ctx context.Context, redisURL string, via *servers) error {
+// three endpoints of the agent at agentIP and sets via to the first PS's
+// ports.
+func waitBackends(ctx context.Context, redisURL string, agentIP netip.Addr, via *servers) error {
 	reg, err := registry.New(registry.Config{URL: redisURL})
 	if err != nil {
 		return err
 	}
 	defer reg.Close()
 	for port, dst := range map[uint16]*string{1: &via.bulk, 2: &via.echo, 3: &via.rpc} {
-		target := netip.AddrPortFrom(netip.MustParseAddr("127.77.0.1"), port)
+		target := netip.AddrPortFrom(agentIP, port)
 		deadline := time.Now().Add(15 * time.Second)
 		for {
 			rt, err := reg.Get(ctx, target)
@@ -641,7 +736,8 @@ func startRegPS(ctx context.Context, redisURL string, n int) (addr string, stop 
 	cfg := ps.DefaultConfig()
 	cfg.ID = "bench-reg"
 	cfg.Listen = "127.0.0.1:0"
-	cfg.Advertise = "127.0.0.1"
+	cfg.Advertise = []string{"127.0.0.1"}
+	cfg.DataPlane = ps.DataPlaneListeners
 	cfg.Ports = fmt.Sprintf("%d-%d", regPorts, regPorts+n+2000-1)
 	cfg.Redis = redisURL
 	cfg.Logger = slog.New(slog.DiscardHandler)
@@ -690,9 +786,9 @@ func checkRegistered(ctx context.Context, redisURL string, hello *tunnel.Hello, 
 			continue
 		}
 		accepted++
-		if int(r.Port) < regPorts || int(r.Port) >= regPorts+n+2000 || inUse[r.Port] != hello.Endpoints[i] {
+		if int(r.Port) < regPorts || int(r.Port) >= regPorts+n+2000 || inUse[netip.AddrPortFrom(w.PSAddr, r.Port)] != hello.Endpoints[i] {
 			if wrong++; wrong == 1 {
-				chk.Failf("endpoint %s: port %d, which the registry holds for %v", hello.Endpoints[i], r.Port, inUse[r.Port])
+				chk.Failf("endpoint %s: port %d, which the registry holds for %v", hello.Endpoints[i], r.Port, inUse[netip.AddrPortFrom(w.PSAddr, r.Port)])
 			}
 		}
 	}
