@@ -139,6 +139,9 @@ type admission struct {
 	// were cur's); dropped are chosen bindings the registry refused.
 	fresh   []*binding
 	dropped []*binding
+	// ready is the fresh bindings' ready channel (binding.ready): admit
+	// closes it when it returns, after commit set their session.
+	ready chan struct{}
 }
 
 // admit takes a Hello through the steps of admission: authenticate, plan
@@ -152,7 +155,11 @@ func (p *PS) admit(ctx context.Context, conn net.Conn, h *tunnel.Hello, source n
 	}
 	slot := p.lockAgent(h.AgentID)
 	defer p.unlockAgent(h.AgentID, slot)
-	a := &admission{hello: h, log: log, source: source, cred: cred, cur: slot.current}
+	a := &admission{hello: h, log: log, source: source, cred: cred, cur: slot.current, ready: make(chan struct{})}
+	// A client connection that arrived on a fresh binding waits for this
+	// (handleConn): it then finds the session, or, if the handshake
+	// failed, no session and a reset, at once.
+	defer close(a.ready)
 	var credit usage
 	if a.cur != nil {
 		// Only the credential that holds the agent id may supersede its
@@ -276,7 +283,7 @@ func (p *PS) allocate(a *admission, need []int) {
 			a.results[i] = tunnel.EndpointResult{Code: tunnel.CodeNoPorts, Reason: err.Error()}
 			continue
 		}
-		b := &binding{at: pairs[k], target: a.hello.Endpoints[i], agentID: a.hello.AgentID, ready: make(chan struct{})}
+		b := &binding{at: pairs[k], target: a.hello.Endpoints[i], agentID: a.hello.AgentID, ready: a.ready}
 		a.chosen[i] = b
 		a.fresh = append(a.fresh, b)
 	}

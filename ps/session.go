@@ -48,14 +48,14 @@ type binding struct {
 	target  netip.AddrPort
 	agentID string
 	sess    atomic.Pointer[psSession]
-	ready   chan struct{} // closed when sess is first set
-	once    sync.Once
+	// ready is closed when the handshake that allocated the binding ended,
+	// either way (sess is set by then, or never). It is shared by every
+	// binding of that handshake: one channel per handshake, not one per
+	// idle endpoint.
+	ready <-chan struct{}
 }
 
-func (b *binding) setSession(s *psSession) {
-	b.sess.Store(s)
-	b.once.Do(func() { close(b.ready) })
-}
+func (b *binding) setSession(s *psSession) { b.sess.Store(s) }
 
 // agentSlot serialises the handshakes and teardowns of one agent id and
 // holds its current (newest-epoch) session.

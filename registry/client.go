@@ -217,3 +217,18 @@ func (r *Registry) Ping(ctx context.Context) error {
 	}
 	return nil
 }
+
+// UsedMemory is the Redis server's INFO used_memory, in bytes: what the
+// registry occupies (with anything else that server holds), for sizing.
+func (r *Registry) UsedMemory(ctx context.Context) (int64, error) {
+	info, err := r.rdb.Info(ctx, "memory").Result()
+	if err != nil {
+		return 0, fmt.Errorf("redis INFO memory: %w", err)
+	}
+	for line := range strings.SplitSeq(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "used_memory:"); ok {
+			return strconv.ParseInt(v, 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("%w: INFO memory has no used_memory", ErrBadData)
+}

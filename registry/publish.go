@@ -588,3 +588,14 @@ func (r *Registry) CollectDead(ctx context.Context, grace, quarantine time.Durat
 	}
 	return dead, nil
 }
+
+// PortCount is how many (address, port) pairs the registry records as used
+// by psID's backends: the size of its port index, cheap to poll where
+// PortsInUse would read every record.
+func (r *Registry) PortCount(ctx context.Context, psID string) (int64, error) {
+	n, err := r.rdb.HLen(ctx, r.keys.psroutes(psID)).Result()
+	if err != nil {
+		return 0, fmt.Errorf("port count of ps %s: %w", psID, err)
+	}
+	return n, nil
+}

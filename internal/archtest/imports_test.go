@@ -77,7 +77,8 @@ var rules = []rule{
 	// test/hostile speaks yamux itself, as a misbehaving agent would.
 	{"github.com/hashicorp/yamux", []string{"tunnel", "test/hostile"}, "tunnel owns the session layer", false, nil},
 	// The CLI's tests edit a pinned map by hand to prove `redirector routes --check`.
-	{"github.com/cilium/ebpf", []string{"bpf", "redirector", "test/bench"}, "only the kernel edge loads BPF", false, []string{"cmd/tether"}},
+	// The PS's sk_lookup data plane (ps/skplane_linux.go) is a kernel edge of its own.
+	{"github.com/cilium/ebpf", []string{"bpf", "redirector", "ps", "test/bench"}, "only the kernel edge loads BPF", false, []string{"cmd/tether"}},
 	{module + "/registry", []string{"registry", "ps", "redirector", "proxy", "cmd", "test", "scripts", "internal/tunneltest"}, "tunnel and agent know nothing of the registry", true, nil},
 	{module + "/registry", []string{"registry", "ps", "redirector", "proxy", "cmd", "test", "scripts", "internal", "agent", "deploy"}, "tunnel's tests stand on the wire protocol alone", false, nil},
 	{module + "/internal/cliconfig", []string{"internal/cliconfig", "ps", "agent", "redirector", "proxy", "cmd", "test", "scripts"}, "tunnel is the wire protocol, not configuration", false, nil},

@@ -46,7 +46,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-net/tether/agent"
@@ -203,7 +202,7 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 		return nil, err
 	}
 	defer node.stop(20 * time.Second)
-	rdb, err := redisClient(b.redisURL)
+	rdb, err := registry.New(registry.Config{URL: b.redisURL, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return nil, err
 	}
@@ -223,7 +222,7 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 		return nil, err
 	}
 	res.heapBefore, res.goroutines[0] = before["go_memstats_heap_inuse_bytes"], before["go_goroutines"]
-	if res.redisBefore, err = usedMemory(ctx, rdb); err != nil {
+	if res.redisBefore, err = rdb.UsedMemory(ctx); err != nil {
 		return nil, err
 	}
 
@@ -249,11 +248,10 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 		agents.Go(func() { _ = a.Run(actx); _ = a.Close() })
 	}
 	// All routes in Redis: the PS's port records (one per published
-	// route) counted with HLEN, cheap enough to poll; the full check
-	// reads every route below.
-	psroutes := "{tether}:psroutes:" + psID
+	// route) counted, cheap enough to poll; the full check reads every
+	// route below.
 	for {
-		n, err := rdb.HLen(ctx, psroutes).Result()
+		n, err := rdb.PortCount(ctx, psID)
 		if err == nil && int(n) == total {
 			break
 		}
@@ -278,7 +276,7 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 	}
 	res.heapAfter, res.goroutines[1] = after["go_memstats_heap_inuse_bytes"], after["go_goroutines"]
 	b.chk.Equal("endpoints the PS reports (tether_ps_endpoints)", int(after["tether_ps_endpoints"]), total)
-	if res.redisAfter, err = usedMemory(ctx, rdb); err != nil {
+	if res.redisAfter, err = rdb.UsedMemory(ctx); err != nil {
 		return nil, err
 	}
 	b.chk.True(res.fdsAfter > 0 && res.fdsAfter < int(res.fdLimit), "the PS holds %d open files, want fewer than its limit %d", res.fdsAfter, res.fdLimit)
@@ -830,28 +828,6 @@ func scrape(addr string) (map[string]float64, error) {
 		}
 	}
 	return out, nil
-}
-
-func redisClient(url string) (*redis.Client, error) {
-	opt, err := redis.ParseURL(url)
-	if err != nil {
-		return nil, err
-	}
-	return redis.NewClient(opt), nil
-}
-
-// usedMemory is Redis's INFO memory used_memory, bytes.
-func usedMemory(ctx context.Context, rdb *redis.Client) (int64, error) {
-	info, err := rdb.Info(ctx, "memory").Result()
-	if err != nil {
-		return 0, err
-	}
-	for line := range strings.SplitSeq(info, "\n") {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "used_memory:"); ok {
-			return strconv.ParseInt(v, 10, 64)
-		}
-	}
-	return 0, errors.New("redis INFO memory has no used_memory")
 }
 
 // ---- identity servers -------------------------------------------------------------
