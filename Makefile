@@ -48,12 +48,14 @@ test-unit: ## only the tests that need no root
 
 bench: build ## benchmarks, as ratios against a baseline measured in the same run
 	$(GO) run ./test/bench/tunnel
+	$(GO) run ./test/bench/paths
 	$(GO) run ./test/bench/redirector
 	$(GO) run ./test/bench/proxy
 	$(GO) run ./test/bench/scale
 
 bench-smoke: build ## the benchmarks in seconds, checking they still run and measure (CI runs this)
 	$(GO) run ./test/bench/tunnel -smoke
+	$(GO) run ./test/bench/paths -smoke
 	$(GO) run ./test/bench/redirector -smoke
 	$(GO) run ./test/bench/proxy -smoke
 	$(GO) run ./test/bench/scale -smoke

@@ -429,8 +429,10 @@ func (a *Agent) logWelcome(log *slog.Logger, c candidate, s *tunnel.AgentSession
 // returns, so the slot re-dials only after the report was acked.
 func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log *slog.Logger) {
 	tr := track(s)
+	tr.pool = a.startPool(tr, log.With("ps_id", s.Welcome.PSID))
 	lost := false
 	defer func() {
+		tr.pool.close()
 		_ = s.Close()
 		a.mu.Lock()
 		delete(a.held, slot)
@@ -475,11 +477,12 @@ func (a *Agent) serve(ctx context.Context, slot int, s *tunnel.AgentSession, log
 		old := s
 		s = ns
 		tr = track(s)
+		tr.pool = a.startPool(tr, log.With("ps_id", s.Welcome.PSID))
 		go a.acceptStreams(tr, log.With("ps_id", s.Welcome.PSID))
 		if old.Welcome.PSID != ns.Welcome.PSID {
 			log.Info("tunnel moved to another ps while retrying refused endpoints", "from", old.Welcome.PSID, "to", ns.Welcome.PSID)
 		}
-		_ = old.Close()
+		_ = old.Close() // its pool closes with it
 		a.m.tunnels.Dec()
 	}
 }
@@ -525,16 +528,64 @@ func (a *Agent) handleStream(in *tunnel.Incoming, log *slog.Logger) {
 	if errors.Is(err, tunnel.ErrControlStream) {
 		return // the tunnel's control channel, not a client connection
 	}
-	a.m.streams.Inc()
+	conn := a.openTarget(h, err, in, log)
+	if conn == nil {
+		return
+	}
+	st, err := in.Accept()
 	if err != nil {
+		_ = conn.Close()
+		return
+	}
+	a.m.streamsOpen.Inc()
+	defer a.m.streamsOpen.Dec()
+	_, _, _ = relay.Join(st, conn, a.m.bytesIn, a.m.bytesOut)
+}
+
+// serveData answers a data connection the PS paired with a client (h, or
+// the error reading it) exactly as handleStream answers a stream, then
+// moves the bytes with relay.Splice: with a kernel splice when the data
+// connection is plain TCP.
+func (a *Agent) serveData(t *tracked, dc *tunnel.DataConn, h tunnel.StreamHeader, headerErr error, log *slog.Logger) {
+	if t.refusing.Load() {
+		_ = dc.Reject(tunnel.StreamBusy, errDraining.Error())
+		return
+	}
+	conn := a.openTarget(h, headerErr, dc, log)
+	if conn == nil {
+		return
+	}
+	c, err := dc.Accept()
+	if err != nil {
+		_ = conn.Close()
+		return
+	}
+	a.m.streamsOpen.Inc()
+	defer a.m.streamsOpen.Dec()
+	_, _, _ = relay.Splice(c, conn, relay.Options{AToB: a.m.bytesIn, BToA: a.m.bytesOut})
+}
+
+// rejecter answers a client connection the agent will not serve: a tunnel
+// stream or a data connection.
+type rejecter interface {
+	Reject(code tunnel.StreamCode, msg string) error
+}
+
+// openTarget counts a client connection whose header was read (h, or
+// headerErr), checks its target is exposed and dials it. It returns the
+// local connection, or nil after refusing the client through r with the
+// reason.
+func (a *Agent) openTarget(h tunnel.StreamHeader, headerErr error, r rejecter, log *slog.Logger) *net.TCPConn {
+	a.m.streams.Inc()
+	if err := headerErr; err != nil {
 		code := tunnel.StreamBadHeader
 		if errors.Is(err, tunnel.ErrVersion) {
 			code = tunnel.StreamVersionErr
 		}
 		a.m.streamErrors.WithLabelValues(code.String()).Inc()
 		log.Warn("bad stream header", "err", err)
-		_ = in.Reject(code, err.Error())
-		return
+		_ = r.Reject(code, err.Error())
+		return nil
 	}
 	dialAddr, ok := a.dial[h.Target]
 	if !ok {
@@ -542,8 +593,8 @@ func (a *Agent) handleStream(in *tunnel.Incoming, log *slog.Logger) {
 		// another target.
 		a.m.streamErrors.WithLabelValues(tunnel.StreamNotExposed.String()).Inc()
 		log.Warn("refused stream for a target this agent does not expose", "target", h.Target.String(), "client", h.Source.String())
-		_ = in.Reject(tunnel.StreamNotExposed, fmt.Sprintf("%s is not exposed by agent %s", h.Target, a.cfg.ID))
-		return
+		_ = r.Reject(tunnel.StreamNotExposed, fmt.Sprintf("%s is not exposed by agent %s", h.Target, a.cfg.ID))
+		return nil
 	}
 	// No TCP keepalive on the local leg: the target is on this host (or
 	// next to it), and the three setsockopt calls are a measurable share
@@ -556,17 +607,10 @@ func (a *Agent) handleStream(in *tunnel.Incoming, log *slog.Logger) {
 		code := dialCode(err)
 		a.m.streamErrors.WithLabelValues(code.String()).Inc()
 		a.dialFails.failed(log, h.Target, dialAddr, code.String(), err)
-		_ = in.Reject(code, fmt.Sprintf("dial %s: %v", dialAddr, err))
-		return
+		_ = r.Reject(code, fmt.Sprintf("dial %s: %v", dialAddr, err))
+		return nil
 	}
-	st, err := in.Accept()
-	if err != nil {
-		_ = conn.Close()
-		return
-	}
-	a.m.streamsOpen.Inc()
-	defer a.m.streamsOpen.Dec()
-	_, _, _ = relay.Join(st, conn.(*net.TCPConn), a.m.bytesIn, a.m.bytesOut)
+	return conn.(*net.TCPConn)
 }
 
 func dialCode(err error) tunnel.StreamCode {

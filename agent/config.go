@@ -41,6 +41,7 @@ type Config struct {
 	RetryRefused    time.Duration `yaml:"retry-refused" flag:"retry-refused" usage:"how long after a PS refused endpoints (conflict, no free port) the agent asks again"`
 	DrainTimeout    time.Duration `yaml:"drain-timeout" flag:"drain-timeout" usage:"on SIGTERM, how long streams in flight may take to finish after the routes were withdrawn (a second signal stops at once)"`
 	TunnelDeadAfter time.Duration `yaml:"tunnel-dead-after" flag:"tunnel-dead-after" usage:"close a tunnel whose PS sent nothing (not even a ping answer) for this long, and reconnect"`
+	PoolSize        int           `yaml:"pool-size" flag:"pool-size" usage:"idle data connections to keep per tunnel for the pooled data path (at most what the PS grants); 0 = never join a pool, use the tunnel's streams only"`
 
 	// Set by code, not by flags.
 	Logger     *slog.Logger          `yaml:"-"`
@@ -55,6 +56,11 @@ type Config struct {
 	LookupNetIP func(ctx context.Context, host string) ([]netip.Addr, error) `yaml:"-"`
 }
 
+// MaxPoolSize bounds --pool-size: each idle data connection is a socket
+// on both ends, per tunnel, and a pool only needs to cover the burst of
+// new connections that arrive within one refill (a dial round trip).
+const MaxPoolSize = 1024
+
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
@@ -68,6 +74,7 @@ func DefaultConfig() Config {
 		RetryRefused:    time.Minute,
 		TunnelDeadAfter: tunnel.DefaultDeadAfter,
 		DrainTimeout:    30 * time.Second,
+		PoolSize:        8,
 	}
 }
 
@@ -147,6 +154,9 @@ func (c *Config) Validate() error {
 	}
 	if c.StreamWindow < 256<<10 || c.StreamWindow > 1<<30 {
 		errs = append(errs, fmt.Errorf("--stream-window %d: want 256 KiB to 1 GiB", c.StreamWindow))
+	}
+	if c.PoolSize < 0 || c.PoolSize > MaxPoolSize {
+		errs = append(errs, fmt.Errorf("--pool-size %d: want 0-%d", c.PoolSize, MaxPoolSize))
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		errs = append(errs, errors.New("--tls-cert and --tls-key go together"))

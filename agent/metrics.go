@@ -27,7 +27,18 @@ type metrics struct {
 	// included (a refused dial is fast, a timed-out one takes
 	// --dial-timeout): the local leg of every stream's setup.
 	dialSeconds prometheus.Histogram
+	// poolIdle is how many data connections wait for a client, over all
+	// tunnels; poolDials counts dials of data connections by result
+	// (agent/pool.go).
+	poolIdle  prometheus.Gauge
+	poolDials *prometheus.CounterVec
 }
+
+// Results of a data connection dial, the result label of
+// tether_agent_pool_dials_total: ok (the PS took it into the pool), failed
+// (no connection, TLS or opening failed), refused (the PS answered
+// pool_refused).
+var poolDialResults = []string{"ok", "failed", "refused"}
 
 // dialBuckets span a local service on loopback (~50 µs) to --dial-timeout.
 var dialBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
@@ -46,7 +57,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		silent: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_agent_tunnels_silent_total", Help: "Tunnels closed because the PS sent nothing for --tunnel-dead-after (a silent death)."}),
 		streams: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "tether_agent_streams_total", Help: "Streams received from proxy servers."}),
+			Name: "tether_agent_streams_total", Help: "Client connections received from proxy servers, on tunnel streams and pooled data connections."}),
 		streamsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_agent_streams_open", Help: "Streams currently joined to a local target."}),
 		streamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -61,6 +72,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name:    "tether_agent_stream_dial_duration_seconds",
 			Help:    "Time the agent took to dial a local target for a stream, failed dials included.",
 			Buckets: dialBuckets}),
+		poolIdle: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_agent_pool_idle", Help: "Data connections of the pooled data path waiting for a client, all tunnels."}),
+		poolDials: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_agent_pool_dials_total", Help: "Dials of data connections to PS pool listeners, by result: ok, failed (connect, TLS or opening), refused (the PS answered pool_refused)."},
+			[]string{"result"}),
 	}
 	// Every known reason is exported from the start, at zero.
 	for _, c := range tunnel.StreamRefusalCodes() {
@@ -69,7 +85,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range reportResults {
 		m.lostReports.WithLabelValues(r)
 	}
-	for _, c := range []prometheus.Collector{m.tunnels, m.reconnects, m.placementRefusals, m.silent, m.streams, m.streamsOpen, m.streamErrors, m.lostReports, bytes, m.dialSeconds} {
+	for _, r := range poolDialResults {
+		m.poolDials.WithLabelValues(r)
+	}
+	for _, c := range []prometheus.Collector{m.tunnels, m.reconnects, m.placementRefusals, m.silent, m.streams, m.streamsOpen, m.streamErrors, m.lostReports, bytes, m.dialSeconds, m.poolIdle, m.poolDials} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -50,6 +50,7 @@ type tracked struct {
 	inflight   atomic.Int64 // streams being handled
 	lastStream atomic.Int64 // unix ns of the last stream accepted
 	refusing   atomic.Bool  // drain: new streams are refused
+	pool       *pool        // the session's data connections (pool.go)
 }
 
 func track(s *tunnel.AgentSession) *tracked {
@@ -152,6 +153,10 @@ func (a *Agent) drain(t *tracked, deadline time.Time, log *slog.Logger) {
 	start := time.Now()
 	done := s.Done()
 	acked := false
+	// No new pooled connections: the idle ones are closed (the PS then
+	// carries the clients of the settle on the tunnel's streams), the
+	// paired ones count as in flight below.
+	t.pool.stop()
 	if c := s.Control(); c != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), withdrawTimeout)
 		ack, err := c.Withdraw(ctx)

@@ -64,7 +64,7 @@ var errClosed = errors.New("connection closed during the handshake")
 func (p *PS) readHello(raw net.Conn) (net.Conn, *tunnel.Hello, error) {
 	conn := raw
 	if p.tls != nil {
-		tc := tls.Server(raw, p.tls)
+		tc := tls.Server(tunnel.BatchRecords(raw), p.tls)
 		if err := tc.Handshake(); err != nil {
 			return raw, nil, &handshakeError{code: "tls_error", err: err}
 		}
@@ -193,6 +193,7 @@ func (p *PS) admit(ctx context.Context, conn net.Conn, h *tunnel.Hello, source n
 		return nil, err
 	}
 	s := p.commit(ctx, a, tun)
+	s.tunnelLocal = addrPortOf(conn.LocalAddr())
 	slot.current = s
 	go p.serveControl(ctx, s)
 	return s, nil
@@ -381,6 +382,8 @@ func (p *PS) commit(ctx context.Context, a *admission, tun *tunnel.PSSession) *p
 		// the background, so a half-open old connection never delays
 		// this one.
 		go p.retire(a.cur, s.log.With("old_session", a.cur.serial, "old_epoch", a.cur.epoch))
+		// Its idle data connections would never be paired again.
+		p.pools.drop(a.cur)
 		s.log.Info("newer session supersedes the old one; the old one finishes its in-flight streams", "old_epoch", a.cur.epoch,
 			"old_connections", a.cur.inflight.Load(), "drain_timeout", p.cfg.DrainTimeout)
 	}

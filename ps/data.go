@@ -68,7 +68,12 @@ func (p *PS) handleConn(at netip.AddrPort, c net.Conn, load connLoad) {
 	p.m.streams.Inc()
 	p.m.streamsOpen.Inc()
 	defer p.m.streamsOpen.Dec()
-	st, err := s.tun.Open(tunnel.StreamHeader{Target: b.target, Source: src}, OpenTimeout)
+	h := tunnel.StreamHeader{Target: b.target, Source: src}
+	if p.carryPooled(s, h, c) {
+		return
+	}
+	p.m.dataPath.WithLabelValues(DataPathMux).Inc()
+	st, err := s.tun.Open(h, OpenTimeout)
 	if err != nil {
 		p.m.streamErrors.WithLabelValues("open_failed").Inc()
 		s.log.Debug("open stream failed", "target", b.target.String(), "client", src.String(), "err", err)
@@ -85,6 +90,57 @@ func (p *PS) handleConn(at netip.AddrPort, c net.Conn, load connLoad) {
 	case errors.As(err, &se):
 		p.m.streamErrors.WithLabelValues(se.Code.String()).Inc()
 		s.log.Debug("agent refused stream", "target", b.target.String(), "client", src.String(), "code", se.Code.String(), "reason", se.Message)
+	}
+}
+
+// carryPooled carries c over an idle data connection of s's pool when
+// there is one (with --data-path pool, after waiting up to --pool-wait for
+// one), and reports whether it did; false means the tunnel's stream is to
+// be used. The agent's status is read before any client byte is sent, so
+// a data connection that turns out dead (a stale idle one, an agent that
+// restarted) is dropped and the next one tried, and the client never sees
+// it; a refusal (not_exposed, dial_refused, ...) is the client's answer,
+// as on the stream.
+func (p *PS) carryPooled(s *psSession, h tunnel.StreamHeader, c net.Conn) bool {
+	sp := p.pools.of(s)
+	if sp == nil {
+		return false
+	}
+	var wait time.Duration
+	if p.cfg.DataPath == DataPathPool {
+		wait = p.cfg.PoolWait
+	}
+	for {
+		dc := sp.take(wait)
+		if dc == nil {
+			return false
+		}
+		err := tunnel.OpenData(dc.conn, h, OpenTimeout)
+		var se *tunnel.StreamError
+		switch {
+		case err == nil:
+			p.m.dataPath.WithLabelValues(DataPathPool).Inc()
+			_, _, err = relay.Splice(c, dc.conn, relay.Options{
+				AToB: p.m.bytesToAgent, BToA: p.m.bytesFromAgent, IdleTimeout: p.cfg.IdleTimeout,
+			})
+			if errors.Is(err, relay.ErrIdle) {
+				p.m.idleClosed.Inc()
+			}
+			return true
+		case errors.As(err, &se):
+			p.m.dataPath.WithLabelValues(DataPathPool).Inc()
+			p.m.streamErrors.WithLabelValues(se.Code.String()).Inc()
+			s.log.Debug("agent refused pooled connection", "target", h.Target.String(), "client", h.Source.String(), "code", se.Code.String(), "reason", se.Message)
+			_ = dc.raw.Close()
+			reset(c)
+			return true
+		default:
+			// Dead before its status: nothing reached the client; the
+			// next idle one, or the stream, carries it.
+			p.m.poolStale.Inc()
+			s.log.Debug("pooled data connection dead before its status, trying the next", "err", err)
+			_ = dc.raw.Close()
+		}
 	}
 }
 

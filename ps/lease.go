@@ -346,15 +346,22 @@ func (p *PS) drain(ctx context.Context) {
 	p.log.Info("drained", "took", time.Since(start).Round(time.Millisecond))
 }
 
-// stopAccepting closes the tunnel listener and every data port: no new
-// agent and no new client connection gets in.
+// stopAccepting closes the tunnel listener, the pool listener and every
+// data port, and closes the idle data connections: no new agent and no new
+// client connection gets in.
 func (p *PS) stopAccepting() {
 	p.lnMu.Lock()
 	if p.ln != nil {
 		_ = p.ln.Close()
 	}
+	if p.poolLn != nil {
+		_ = p.poolLn.Close()
+	}
 	p.lnMu.Unlock()
 	_ = p.plane.Close()
+	// No client connection comes any more: idle data connections have
+	// nothing left to carry.
+	p.pools.dropAll()
 }
 
 // closeTunnels closes every agent's tunnel; with goAway it tells the agent

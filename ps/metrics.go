@@ -47,6 +47,14 @@ type psMetrics struct {
 	// advertise addresses and the port range hold.
 	dataPlane     *prometheus.GaugeVec
 	portsCapacity prometheus.Gauge
+	// dataPath counts client connections by the path that carried them
+	// (mux: a tunnel stream; pool: a pooled data connection); poolConns
+	// counts data connections' openings by result (pool.go).
+	dataPath  *prometheus.CounterVec
+	poolConns *prometheus.CounterVec
+	// poolStale counts pooled data connections found dead when a client
+	// connection was paired with them (retried on the next).
+	poolStale prometheus.Counter
 }
 
 // handshakeBuckets span a lone agent on loopback (~1 ms) to one exposing
@@ -113,6 +121,14 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 			[]string{"plane"}),
 		portsCapacity: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_ps_ports_capacity", Help: "(address, port) pairs this PS can hand out: advertise addresses times the port range."}),
+		dataPath: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_ps_data_path_total", Help: "Client connections carried, by path: mux (a stream of the tunnel) or pool (a pooled data connection)."},
+			[]string{"path"}),
+		poolConns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_ps_pool_conns_total", Help: "Data connections agents opened to the pool listener, by result: accepted (idle in a session's pool) or refused."},
+			[]string{"result"}),
+		poolStale: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_ps_pool_stale_total", Help: "Pooled data connections found dead when paired with a client connection (the next one, or the tunnel, carried the client)."}),
 	}
 	// Every known result and reason is exported from the start, at zero, so
 	// that dashboards and rate() see a series before the first event.
@@ -129,10 +145,16 @@ func newPSMetrics(reg prometheus.Registerer) (*psMetrics, error) {
 		m.connsRefused.WithLabelValues(r)
 	}
 	m.violations.WithLabelValues("agent_opened_stream")
+	for _, path := range []string{DataPathMux, DataPathPool} {
+		m.dataPath.WithLabelValues(path)
+	}
+	for _, r := range []string{poolAccepted, poolRefused} {
+		m.poolConns.WithLabelValues(r)
+	}
 	for _, c := range []prometheus.Collector{m.tunnels, m.handshakes, m.endpoints, m.streamsOpen, m.streams,
 		m.streamErrors, bytes, m.portsAllocated, m.portsQuarantined, m.renewErrors, m.clientsRejected,
 		m.connsRefused, m.idleClosed, m.violations, m.silent, m.insecure, m.intent.results, m.reports.results,
-		m.handshakeSeconds, m.dataPlane, m.portsCapacity} {
+		m.handshakeSeconds, m.dataPlane, m.portsCapacity, m.dataPath, m.poolConns, m.poolStale} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -184,4 +206,12 @@ func registerSteering(reg prometheus.Registerer, plane dataPlane) error {
 		}
 	}
 	return nil
+}
+
+// registerPoolIdle exports how many idle data connections the PS holds,
+// all sessions together, read at scrape time.
+func registerPoolIdle(reg prometheus.Registerer, pools *poolSet) error {
+	return reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "tether_ps_pool_idle", Help: "Idle pooled data connections agents keep open to this PS, all sessions together."},
+		func() float64 { return float64(pools.idle.Load()) }))
 }

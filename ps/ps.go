@@ -61,6 +61,13 @@ type Config struct {
 	Resync           time.Duration `yaml:"resync" flag:"resync" usage:"how often the PS checks its routes in the registry and repairs them"`
 	Intent           string        `yaml:"intent" flag:"intent" usage:"check the intent carried in redirected clients' SYNs: off, verify (default) or require"`
 
+	// The pooled data path (pool.go).
+	DataPath      string        `yaml:"data-path" flag:"data-path" usage:"how client connections reach the agent: mux (the tunnel's streams only), pool (a pooled data connection, waiting up to --pool-wait for one) or auto (a pooled one when idle, else the tunnel)"`
+	PoolListen    string        `yaml:"pool-listen" flag:"pool-listen" usage:"address to accept agents' pooled data connections on (the default :0 takes a free port, which the grant names; give a fixed port where a firewall must open it; empty = no pool)"`
+	PoolAdvertise string        `yaml:"pool-advertise" flag:"pool-advertise" usage:"IP:port agents dial the pool listener at (default: the address the agent reached the tunnel listener at, with --pool-listen's port)"`
+	PoolWait      time.Duration `yaml:"pool-wait" flag:"pool-wait" usage:"with --data-path pool, how long a client connection waits for an idle data connection before it takes the tunnel"`
+	PoolSize      int           `yaml:"pool-size" flag:"pool-size" usage:"idle data connections kept per agent session at most"`
+
 	// Logger, Registerer and Now are set by code, not by flags.
 	Logger     *slog.Logger          `yaml:"-"`
 	Registerer prometheus.Registerer `yaml:"-"`
@@ -93,6 +100,10 @@ func DefaultConfig() Config {
 		MaxConns:         65536,
 		Resync:           10 * time.Second,
 		Intent:           IntentVerify,
+		DataPath:         DataPathAuto,
+		PoolListen:       ":0",
+		PoolWait:         200 * time.Millisecond,
+		PoolSize:         16,
 	}
 }
 
@@ -158,6 +169,7 @@ func (c *Config) Validate() error {
 	if err := validIntentMode(c.Intent); err != nil {
 		errs = append(errs, err)
 	}
+	errs = append(errs, c.validDataPath()...)
 	if (c.TLSCert == "") != (c.TLSKey == "") || (c.TLSCA != "" && c.TLSCert == "") {
 		errs = append(errs, errors.New("--tls-cert and --tls-key go together, and --tls-ca needs them"))
 	}
@@ -225,7 +237,11 @@ type PS struct {
 
 	lnMu sync.Mutex
 	ln   net.Listener
-	addr chan net.Addr // receives the bound tunnel address once
+	// poolLn accepts pooled data connections (nil without a pool); pools
+	// holds the idle ones per session (pool.go).
+	poolLn net.Listener
+	pools  *poolSet
+	addr   chan net.Addr // receives the bound tunnel address once
 
 	mu       sync.Mutex
 	agents   map[string]*agentSlot
@@ -300,6 +316,7 @@ func New(cfg Config) (*PS, error) {
 		sessions:  map[*psSession]struct{}{},
 		bindings:  map[netip.AddrPort]*binding{},
 		closed:    make(chan struct{}),
+		pools:     newPoolSet(),
 	}
 	if p.plane, err = p.newDataPlane(len(advertise) * pr.Size()); err != nil {
 		return nil, err
@@ -309,6 +326,10 @@ func New(cfg Config) (*PS, error) {
 	}
 	p.m.dataPlane.WithLabelValues(p.plane.Name()).Set(1)
 	p.m.portsCapacity.Set(float64(len(advertise) * pr.Size()))
+	if err := registerPoolIdle(cfg.Registerer, p.pools); err != nil {
+		_ = p.plane.Close()
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
 	if err := registerSteering(cfg.Registerer, p.plane); err != nil {
 		_ = p.plane.Close()
 		return nil, fmt.Errorf("register metrics: %w", err)
@@ -355,9 +376,16 @@ func (p *PS) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen for tunnels on %s: %w", p.cfg.Listen, err)
 	}
+	poolLn, err := p.listenPool()
+	if err != nil {
+		_ = ln.Close()
+		return err
+	}
 	p.lnMu.Lock()
 	p.ln = ln
+	p.poolLn = poolLn
 	p.lnMu.Unlock()
+	p.logPool(poolLn)
 	p.addr <- ln.Addr()
 	p.log.Info("ps running", "listen", ln.Addr().String(), "advertise", addrStrings(p.advertise),
 		"ports", p.cfg.Ports, "data_plane", p.plane.Name(), "tls", p.tls != nil, "client_certs", p.cfg.TLSCA != "")
@@ -369,6 +397,9 @@ func (p *PS) Run(ctx context.Context) error {
 	defer endLife()
 	loops, lctx := errgroup.WithContext(ctx)
 	loops.Go(func() error { return p.acceptTunnels(life, ln) })
+	if poolLn != nil {
+		loops.Go(func() error { return p.acceptData(poolLn) })
+	}
 	// A lease taken over by another instance ends the loops with an error:
 	// the drain then stops serving without touching the registry, and Run
 	// returns that error so the process exits non-zero.

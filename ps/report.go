@@ -150,6 +150,8 @@ func (h *controlHandler) Withdraw(ctx context.Context) tunnel.Ack {
 		slot.current = nil
 	}
 	p.unlockAgent(s.agentID, slot)
+	// No client connection comes to it any more.
+	p.pools.drop(s)
 	list := make([]*binding, 0, len(bs))
 	for _, b := range bs {
 		list = append(list, b)

@@ -23,6 +23,9 @@ type psSession struct {
 	quota usage
 	log   *slog.Logger
 	tun   *tunnel.PSSession
+	// tunnelLocal is the address the agent reached this PS's tunnel
+	// listener at: the default address its pool grant names (pool.go).
+	tunnelLocal netip.AddrPort
 	// inflight counts the client connections this session carries now;
 	// once superseded, it is closed when they have ended (retire).
 	inflight atomic.Int64
@@ -100,6 +103,7 @@ func (p *PS) endSession(ctx context.Context, s *psSession) {
 	p.mu.Lock()
 	delete(p.sessions, s)
 	p.mu.Unlock()
+	p.pools.drop(s)
 	p.m.tunnels.Dec()
 	p.quotas.release(s.cred, s.quota)
 	list := make([]*binding, 0, len(bs))

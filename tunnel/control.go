@@ -37,6 +37,8 @@ const (
 	ctlWithdraw   byte = 2 // agent -> PS, request
 	ctlAck        byte = 3 // PS -> agent, answers a request by id
 	ctlBye        byte = 4 // PS -> agent, the PS closes the tunnel on purpose
+	ctlPoolJoin   byte = 5 // agent -> PS, request
+	ctlPoolGrant  byte = 6 // PS -> agent, answers a PoolJoin by id
 )
 
 // Errors of the control channel.
@@ -49,6 +51,10 @@ var (
 	ErrControlStream = errors.New("control stream")
 	// ErrControlClosed means the control channel ended before an answer.
 	ErrControlClosed = errors.New("control channel closed")
+	// ErrNoPool means the PS answered a PoolJoin with an Ack: it offers no
+	// pooled data path (it predates it, or runs with --data-path mux), and
+	// the agent uses the tunnel's streams only.
+	ErrNoPool = errors.New("the ps offers no data connection pool")
 )
 
 // ControlMsg is one message of the control channel.
@@ -87,6 +93,20 @@ type Ack struct {
 // and the agent must not report it.
 type Bye struct{ Reason string }
 
+// PoolJoin asks the PS for a pool of data connections for this session
+// (data.go); the PS answers with a PoolGrant, or an Ack when it offers none.
+type PoolJoin struct{ ID uint32 }
+
+// PoolGrant answers PoolJoin ID: Key names the session's pool, Addr is
+// where the agent dials data connections, and Size is how many idle ones
+// the PS keeps for the session at most (at least 1).
+type PoolGrant struct {
+	ID   uint32
+	Key  PoolKey
+	Addr netip.AddrPort
+	Size uint16
+}
+
 // UnknownControl is a request of a type this version does not know; the
 // PS answers it with CodeBadRequest (every request starts with its id).
 type UnknownControl struct {
@@ -98,6 +118,8 @@ func (*LostTunnel) controlType() byte       { return ctlLostTunnel }
 func (*Withdraw) controlType() byte         { return ctlWithdraw }
 func (*Ack) controlType() byte              { return ctlAck }
 func (*Bye) controlType() byte              { return ctlBye }
+func (*PoolJoin) controlType() byte         { return ctlPoolJoin }
+func (*PoolGrant) controlType() byte        { return ctlPoolGrant }
 func (u *UnknownControl) controlType() byte { return u.Type }
 
 // EncodeControl returns m as a whole frame: type, length, payload.
@@ -131,6 +153,19 @@ func EncodeControl(m ControlMsg) ([]byte, error) {
 		e.str(textclip.Clip(m.Reason, MaxReasonLen))
 	case *Bye:
 		e.str(textclip.Clip(m.Reason, MaxReasonLen))
+	case *PoolJoin:
+		e.u32(m.ID)
+	case *PoolGrant:
+		if !usableTarget(m.Addr) {
+			return nil, fmt.Errorf("encode pool grant: dial address %s is not a usable ip:port", m.Addr)
+		}
+		if m.Size == 0 {
+			return nil, errors.New("encode pool grant: size 0 (refuse the join with an ack instead)")
+		}
+		e.u32(m.ID)
+		e.b = append(e.b, m.Key[:]...)
+		e.addrPort(m.Addr)
+		e.u16(m.Size)
 	default:
 		return nil, fmt.Errorf("encode control: message type %T cannot be sent", m)
 	}
@@ -185,6 +220,20 @@ func DecodeControl(typ byte, b []byte) (ControlMsg, error) {
 		m = a
 	case ctlBye:
 		m = &Bye{Reason: d.str("reason", MaxReasonLen)}
+	case ctlPoolJoin:
+		m = &PoolJoin{ID: d.u32("id")}
+	case ctlPoolGrant:
+		g := &PoolGrant{ID: d.u32("id")}
+		copy(g.Key[:], d.take(PoolKeySize, "pool key"))
+		g.Addr = d.addrPort("dial address", false)
+		g.Size = d.u16("size")
+		if d.err == nil && !usableTarget(g.Addr) {
+			d.fail("pool grant: dial address %s is not a usable ip:port", g.Addr)
+		}
+		if d.err == nil && g.Size == 0 {
+			d.fail("pool grant: size 0")
+		}
+		m = g
 	default:
 		u := &UnknownControl{Type: typ, ID: d.u32("id")}
 		d.b = nil // a newer peer's payload: only its id matters here
@@ -219,18 +268,19 @@ type ControlClient struct {
 
 	mu      sync.Mutex
 	next    uint32
-	waiting map[uint32]chan *Ack
+	waiting map[uint32]chan ControlMsg // an *Ack, or a *PoolGrant for a PoolJoin
 	bye     *Bye
 	done    chan struct{} // closed when the read loop ends
 }
 
 func newControlClient(st *yamux.Stream) *ControlClient {
-	c := &ControlClient{st: st, waiting: map[uint32]chan *Ack{}, done: make(chan struct{})}
+	c := &ControlClient{st: st, waiting: map[uint32]chan ControlMsg{}, done: make(chan struct{})}
 	go c.readLoop()
 	return c
 }
 
-// readLoop delivers acks to their requests and records a Bye. Anything
+// readLoop delivers answers (acks, grants) to their requests and records
+// a Bye. Anything
 // else from the PS breaks the protocol and ends the channel (not the
 // tunnel: client streams are unaffected).
 func (c *ControlClient) readLoop() {
@@ -251,13 +301,9 @@ func (c *ControlClient) readLoop() {
 		}
 		switch m := m.(type) {
 		case *Ack:
-			c.mu.Lock()
-			ch := c.waiting[m.ID]
-			delete(c.waiting, m.ID)
-			c.mu.Unlock()
-			if ch != nil {
-				ch <- m
-			}
+			c.deliver(m.ID, m)
+		case *PoolGrant:
+			c.deliver(m.ID, m)
 		case *Bye:
 			c.mu.Lock()
 			c.bye = m
@@ -265,6 +311,17 @@ func (c *ControlClient) readLoop() {
 		default:
 			return
 		}
+	}
+}
+
+// deliver hands answer m to the request waiting for id, if any.
+func (c *ControlClient) deliver(id uint32, m ControlMsg) {
+	c.mu.Lock()
+	ch := c.waiting[id]
+	delete(c.waiting, id)
+	c.mu.Unlock()
+	if ch != nil {
+		ch <- m
 	}
 }
 
@@ -281,17 +338,49 @@ func (c *ControlClient) Done() <-chan struct{} { return c.done }
 // ReportLost sends a LostTunnel for psID's routes and waits for the ack
 // (ctx bounds the wait).
 func (c *ControlClient) ReportLost(ctx context.Context, psID string, routes []LostRoute) (*Ack, error) {
-	return c.request(ctx, func(id uint32) ControlMsg { return &LostTunnel{ID: id, PSID: psID, Routes: routes} })
+	return ackOf(c.request(ctx, func(id uint32) ControlMsg { return &LostTunnel{ID: id, PSID: psID, Routes: routes} }))
 }
 
 // Withdraw asks the PS to withdraw this session's routes and waits for
 // the ack.
 func (c *ControlClient) Withdraw(ctx context.Context) (*Ack, error) {
-	return c.request(ctx, func(id uint32) ControlMsg { return &Withdraw{ID: id} })
+	return ackOf(c.request(ctx, func(id uint32) ControlMsg { return &Withdraw{ID: id} }))
 }
 
-func (c *ControlClient) request(ctx context.Context, build func(id uint32) ControlMsg) (*Ack, error) {
-	ch := make(chan *Ack, 1)
+// JoinPool asks the PS for a pool of data connections for this session and
+// waits for its grant. A PS that offers none answers with an Ack: the
+// error then wraps ErrNoPool and names the Ack's code and reason.
+func (c *ControlClient) JoinPool(ctx context.Context) (*PoolGrant, error) {
+	m, err := c.request(ctx, func(id uint32) ControlMsg { return &PoolJoin{ID: id} })
+	if err != nil {
+		return nil, err
+	}
+	switch m := m.(type) {
+	case *PoolGrant:
+		return m, nil
+	case *Ack:
+		return nil, fmt.Errorf("%w: ps answered %s: %s", ErrNoPool, m.Code, m.Reason)
+	default:
+		return nil, fmt.Errorf("%w: answer of type %d to a pool join", ErrMalformed, m.controlType())
+	}
+}
+
+// ackOf returns the answer of a request that only an Ack may answer.
+func ackOf(m ControlMsg, err error) (*Ack, error) {
+	if err != nil {
+		return nil, err
+	}
+	a, ok := m.(*Ack)
+	if !ok {
+		return nil, fmt.Errorf("%w: answer of type %d where an ack was due", ErrMalformed, m.controlType())
+	}
+	return a, nil
+}
+
+// request sends the request build makes with a fresh id and waits for the
+// answer carrying that id.
+func (c *ControlClient) request(ctx context.Context, build func(id uint32) ControlMsg) (ControlMsg, error) {
+	ch := make(chan ControlMsg, 1)
 	c.mu.Lock()
 	select {
 	case <-c.done:
@@ -346,6 +435,10 @@ func (c *ControlClient) request(ctx context.Context, build func(id uint32) Contr
 type ControlHandler interface {
 	LostTunnel(ctx context.Context, m *LostTunnel) Ack
 	Withdraw(ctx context.Context) Ack
+	// JoinPool returns the session's pool grant (its ID is filled in by
+	// the server), or nil and the Ack that refuses the join (the PS
+	// offers no pool: CodeUnavailable "data path is mux").
+	JoinPool(ctx context.Context) (*PoolGrant, Ack)
 }
 
 // ControlServer is the PS's end of a control channel.
@@ -400,6 +493,7 @@ func (c *ControlServer) Serve(ctx context.Context, h ControlHandler) error {
 			return err
 		}
 		var ack Ack
+		var answer ControlMsg = &ack
 		switch m := m.(type) {
 		case *LostTunnel:
 			ack = h.LostTunnel(ctx, m)
@@ -407,12 +501,30 @@ func (c *ControlServer) Serve(ctx context.Context, h ControlHandler) error {
 		case *Withdraw:
 			ack = h.Withdraw(ctx)
 			ack.ID = m.ID
+		case *PoolJoin:
+			g, refusal := h.JoinPool(ctx)
+			if g != nil {
+				g.ID = m.ID
+				answer = g
+				if _, err := EncodeControl(g); err != nil {
+					// The PS's own mistake: refuse the join rather than end
+					// the channel (the agent then uses the tunnel only).
+					ack = Ack{ID: m.ID, Code: CodeInternal, Reason: err.Error()}
+					answer = &ack
+				}
+			} else {
+				ack = refusal
+				ack.ID = m.ID
+				if ack.Code == CodeOK {
+					ack.Code = CodeUnavailable // an ack that grants nothing is a refusal
+				}
+			}
 		case *UnknownControl:
 			ack = Ack{ID: m.ID, Code: CodeBadRequest, Reason: fmt.Sprintf("unknown control message type %d", m.Type)}
 		default:
 			return fmt.Errorf("%w: control message type %d is not a request", ErrMalformed, m.controlType())
 		}
-		if err := c.send(&ack, WriteTimeout); err != nil {
+		if err := c.send(answer, WriteTimeout); err != nil {
 			return err
 		}
 	}
@@ -474,6 +586,7 @@ func (in *Incoming) takeControl(pre [2]byte) error {
 		return fmt.Errorf("answer control stream: %w", err)
 	}
 	s.control = newControlClient(in.st)
+	close(s.ctlReady)
 	return ErrControlStream
 }
 
@@ -483,6 +596,21 @@ func (s *AgentSession) Control() *ControlClient {
 	s.ctlMu.Lock()
 	defer s.ctlMu.Unlock()
 	return s.control
+}
+
+// WaitControl waits until the PS opened the control channel and returns
+// it. It returns nil when ctx ends first or the tunnel ends: a PS that
+// predates the channel never opens it, so ctx should bound the wait. The
+// session's streams must be accepted meanwhile (the channel arrives as
+// one).
+func (s *AgentSession) WaitControl(ctx context.Context) *ControlClient {
+	select {
+	case <-s.ctlReady:
+		return s.Control()
+	case <-ctx.Done():
+	case <-s.Done():
+	}
+	return s.Control()
 }
 
 // ClosedByPS reports whether the PS said (Bye) that it closes the tunnel

@@ -23,6 +23,9 @@ func TestControlMessagesRoundTrip(t *testing.T) {
 		&Ack{ID: 7, Code: CodeOK, Count: 2},
 		&Ack{ID: 8, Code: CodeStaleEpoch, Reason: "superseded"},
 		&Bye{Reason: "tunnel closed by the ps"},
+		&PoolJoin{ID: 9},
+		&PoolGrant{ID: 9, Key: PoolKey{1, 2, 3, 31: 0xff}, Addr: netip.MustParseAddrPort("127.0.0.1:7001"), Size: 8},
+		&PoolGrant{ID: 10, Key: PoolKey{0xaa}, Addr: netip.MustParseAddrPort("[2001:db8::7]:7001"), Size: 65535},
 	} {
 		frame, err := EncodeControl(m)
 		if err != nil {
@@ -52,6 +55,16 @@ func TestControlDecodingIsStrict(t *testing.T) {
 		"count beyond data": {ctlLostTunnel, []byte{0, 0, 0, 1, 0, 1, 'a', 0, 0, 1, 0}},
 		"withdraw too long": {ctlWithdraw, []byte{0, 0, 0, 1, 9}},
 		"ack short":         {ctlAck, []byte{0, 0, 0, 1, 0}},
+		"join too long":     {ctlPoolJoin, []byte{0, 0, 0, 1, 0}},
+		"join short":        {ctlPoolJoin, []byte{0, 0, 1}},
+		"grant short key":   {ctlPoolGrant, append([]byte{0, 0, 0, 1}, make([]byte, 31)...)},
+		"grant no address":  {ctlPoolGrant, grantPayload(t, 0, 4)[:4+PoolKeySize]},
+		"grant size 0":      {ctlPoolGrant, grantPayload(t, 0, 0)},
+		"grant trailing":    {ctlPoolGrant, append(grantPayload(t, 0, 4), 0)},
+		"grant port 0":      {ctlPoolGrant, grantPayload(t, 1, 4)},
+		"grant unspecified": {ctlPoolGrant, grantPayload(t, 2, 4)},
+		"grant mapped v6":   {ctlPoolGrant, grantPayload(t, 3, 4)},
+		"grant bad addrlen": {ctlPoolGrant, grantPayload(t, 4, 4)},
 	} {
 		if _, err := DecodeControl(tc.typ, tc.b); !errors.Is(err, ErrMalformed) {
 			t.Errorf("%s: got %v, want ErrMalformed", name, err)
@@ -77,10 +90,52 @@ func TestControlDecodingIsStrict(t *testing.T) {
 	}
 }
 
+// grantPayload returns a PoolGrant payload of size size whose dial address
+// is: 0 a good IPv4 one, 1 port 0, 2 unspecified, 3 IPv4-mapped IPv6,
+// 4 an address length of 5. Only 0 can be encoded by EncodeControl.
+func grantPayload(t *testing.T, addr int, size uint16) []byte {
+	t.Helper()
+	e := encoder{}
+	e.u32(1)
+	e.b = append(e.b, make([]byte, PoolKeySize)...)
+	switch addr {
+	case 0:
+		e.addrPort(netip.MustParseAddrPort("127.0.0.1:7001"))
+	case 1:
+		e.addrPort(netip.MustParseAddrPort("127.0.0.1:0"))
+	case 2:
+		e.addrPort(netip.MustParseAddrPort("0.0.0.0:7001"))
+	case 3:
+		e.u8(16)
+		e.b = append(e.b, netip.MustParseAddr("::ffff:127.0.0.1").AsSlice()...)
+		e.u16(7001)
+	case 4:
+		e.u8(5)
+		e.b = append(e.b, 1, 2, 3, 4, 5)
+		e.u16(7001)
+	}
+	e.u16(size)
+	return e.b
+}
+
+func TestPoolGrantEncodingRefusesWhatCannotBeDecoded(t *testing.T) {
+	for name, g := range map[string]*PoolGrant{
+		"no address":  {ID: 1, Size: 1},
+		"port 0":      {ID: 1, Addr: netip.MustParseAddrPort("127.0.0.1:0"), Size: 1},
+		"unspecified": {ID: 1, Addr: netip.MustParseAddrPort("[::]:7001"), Size: 1},
+		"size 0":      {ID: 1, Addr: netip.MustParseAddrPort("127.0.0.1:7001")},
+	} {
+		if _, err := EncodeControl(g); err == nil {
+			t.Errorf("%s: a grant that no agent would decode was encoded", name)
+		}
+	}
+}
+
 func FuzzDecodeControl(f *testing.F) {
 	for _, m := range []ControlMsg{
 		&LostTunnel{ID: 7, PSID: "ps-b", Routes: []LostRoute{{Target: netip.MustParseAddrPort("127.77.0.1:9100"), Port: 20001}}},
 		&Withdraw{ID: 1}, &Ack{ID: 1, Code: CodeOK, Count: 3, Reason: "x"}, &Bye{Reason: "bye"},
+		&PoolJoin{ID: 2}, &PoolGrant{ID: 2, Key: PoolKey{7}, Addr: netip.MustParseAddrPort("[2001:db8::1]:7001"), Size: 8},
 	} {
 		frame, _ := EncodeControl(m)
 		f.Add(frame[0], frame[frameHeaderSize:])
@@ -109,6 +164,15 @@ func FuzzDecodeControl(f *testing.F) {
 type recHandler struct {
 	lost     atomic.Pointer[LostTunnel]
 	withdraw atomic.Int32
+	grant    *PoolGrant // nil: JoinPool refuses as a --data-path mux PS
+}
+
+func (h *recHandler) JoinPool(context.Context) (*PoolGrant, Ack) {
+	if h.grant == nil {
+		return nil, Ack{Code: CodeUnavailable, Reason: "data path is mux"}
+	}
+	g := *h.grant
+	return &g, Ack{}
 }
 
 func (h *recHandler) LostTunnel(_ context.Context, m *LostTunnel) Ack {

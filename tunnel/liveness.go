@@ -135,7 +135,10 @@ func startSession(conn net.Conn, live Liveness, log *slog.Logger, newMux func(ne
 // rawConn is the TCP connection under conn (TLS unwrapped).
 func rawConn(conn net.Conn) net.Conn {
 	if tc, ok := conn.(*tls.Conn); ok {
-		return tc.NetConn()
+		conn = tc.NetConn()
+	}
+	if b, ok := conn.(*recordBatcher); ok {
+		conn = b.Conn
 	}
 	return conn
 }

@@ -41,11 +41,14 @@ type AgentSession struct {
 	conn    net.Conn
 	mux     *yamux.Session
 	streams *streamSet
+	tls     *tls.Config // as the handshake used it; data connections use it too
 
-	// The control channel, once the PS opened it (control.go).
+	// The control channel, once the PS opened it (control.go); ctlReady
+	// is closed then.
 	noControl bool
 	ctlMu     sync.Mutex
 	control   *ControlClient
+	ctlReady  chan struct{}
 }
 
 // Handshake runs the agent's side of the handshake on conn (which it owns
@@ -81,7 +84,7 @@ func handshake(ctx context.Context, conn net.Conn, hello *Hello, cfg ClientConfi
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	if cfg.TLS != nil {
-		tc := tls.Client(conn, cfg.TLS)
+		tc := tls.Client(BatchRecords(conn), cfg.TLS)
 		if err := tc.HandshakeContext(ctx); err != nil {
 			return nil, fmt.Errorf("tls handshake with %s: %w", conn.RemoteAddr(), err)
 		}
@@ -123,7 +126,8 @@ func handshake(ctx context.Context, conn net.Conn, hello *Hello, cfg ClientConfi
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
 	}
-	return &AgentSession{Welcome: w, conn: conn, mux: mux, streams: streams, noControl: cfg.DisableControl}, nil
+	return &AgentSession{Welcome: w, conn: conn, mux: mux, streams: streams, tls: cfg.TLS,
+		noControl: cfg.DisableControl, ctlReady: make(chan struct{})}, nil
 }
 
 func ctxErr(ctx context.Context, err error) error {
@@ -161,6 +165,11 @@ func (s *AgentSession) NumStreams() int { return s.mux.NumStreams() }
 
 // RemoteAddr is the PS's address.
 func (s *AgentSession) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }
+
+// TLSConfig is the TLS configuration the tunnel was made with (nil for
+// plain TCP): data connections to the same PS use it, so they present the
+// same client certificate and verify the same server name.
+func (s *AgentSession) TLSConfig() *tls.Config { return s.tls }
 
 // Incoming is a stream the PS opened, before the agent has answered it.
 type Incoming struct {

@@ -35,12 +35,16 @@ const (
 	StreamBadHeader   StreamCode = 5 // the header did not decode
 	StreamVersionErr  StreamCode = 6 // unknown stream header version
 	StreamBusy        StreamCode = 7 // the agent is at its stream limit
+	// StreamPoolRefused is the PS's answer to a data connection it does not
+	// take into a pool: unknown key, session gone, pool full, or a client
+	// certificate naming another agent (data.go).
+	StreamPoolRefused StreamCode = 8
 )
 
 var streamCodeNames = map[StreamCode]string{
 	StreamOK: "ok", StreamNotExposed: "not_exposed", StreamDialRefused: "dial_refused",
 	StreamDialTimeout: "dial_timeout", StreamDialFailed: "dial_failed", StreamBadHeader: "bad_header",
-	StreamVersionErr: "unsupported_version", StreamBusy: "busy",
+	StreamVersionErr: "unsupported_version", StreamBusy: "busy", StreamPoolRefused: "pool_refused",
 }
 
 // StreamRefusalCodes returns every stream refusal code this package knows

@@ -19,6 +19,10 @@ type idleTimer struct {
 	expired atomic.Bool  // the timeout closed the connection
 	t       *time.Timer
 	onIdle  func()
+	// moved, when set, is asked before the timer fires whether bytes
+	// moved that the copy loops could not see (a kernel splice moves a
+	// whole chunk before it returns): true counts as traffic now.
+	moved func() bool
 }
 
 func newIdleTimer(timeout time.Duration, onIdle func()) *idleTimer {
@@ -41,6 +45,11 @@ func (it *idleTimer) check() {
 	quiet := time.Since(it.base) - time.Duration(it.last.Load())
 	if quiet < it.timeout {
 		it.t.Reset(it.timeout - quiet)
+		return
+	}
+	if it.moved != nil && it.moved() {
+		it.touch()
+		it.t.Reset(it.timeout)
 		return
 	}
 	it.expired.Store(true)

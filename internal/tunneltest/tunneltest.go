@@ -95,6 +95,7 @@ func StartPS(t *testing.T, redisURL, id string, mod func(*ps.Config)) *PSNode {
 	cfg.TokenFile = WriteTokens(t, Token+" * "+AgentRange+"\n")
 	cfg.AgentCIDRs = []string{AgentRange}
 	cfg.DrainTimeout = 2 * time.Second
+	cfg.PoolListen = "127.0.0.1:0"
 	log, lb := NewLog(t, "ps "+id)
 	cfg.Logger = log
 	if mod != nil {
