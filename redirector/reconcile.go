@@ -176,20 +176,22 @@ func (r *Reconciler) Replace(ctx context.Context, routes []registry.RouteState) 
 	r.wmu.Lock()
 	defer r.wmu.Unlock()
 	keys, vals := r.encodeAll(routes)
-	want := make(map[bpf.RedirectRouteKey]struct{}, len(keys))
-	for _, k := range keys {
-		want[k] = struct{}{}
-	}
 	have, err := r.m.Keys()
 	if err != nil {
 		return fmt.Errorf("list route map: %w", err)
 	}
 	present := make(map[bpf.RedirectRouteKey]struct{}, len(have))
 	var stale []bpf.RedirectRouteKey
-	for _, k := range have {
-		present[k] = struct{}{}
-		if _, ok := want[k]; !ok {
-			stale = append(stale, k)
+	if len(have) > 0 { // an empty map (a first start) has nothing stale
+		want := make(map[bpf.RedirectRouteKey]struct{}, len(keys))
+		for _, k := range keys {
+			want[k] = struct{}{}
+		}
+		for _, k := range have {
+			present[k] = struct{}{}
+			if _, ok := want[k]; !ok {
+				stale = append(stale, k)
+			}
 		}
 	}
 	r.mu.Lock()
@@ -269,7 +271,7 @@ func (r *Reconciler) observeChangeLatency(ctx context.Context) {
 func (r *Reconciler) trackLocked(routes []registry.RouteState, full bool) []netip.AddrPort {
 	before := r.live
 	if full {
-		r.live = map[netip.AddrPort]int{}
+		r.live = make(map[netip.AddrPort]int, len(before))
 	}
 	died := map[netip.AddrPort]bool{}
 	for _, rs := range routes {

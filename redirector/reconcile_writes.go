@@ -166,6 +166,9 @@ func (r *Reconciler) pendingPutsLocked() int {
 // existingFirst reorders keys and vals so that the keys in present come
 // first, keeping their pairing.
 func existingFirst(keys []bpf.RedirectRouteKey, vals []bpf.RedirectRouteValue, present map[bpf.RedirectRouteKey]struct{}) ([]bpf.RedirectRouteKey, []bpf.RedirectRouteValue) {
+	if len(present) == 0 {
+		return keys, vals // an empty map (a first start): nothing to put first
+	}
 	ks := make([]bpf.RedirectRouteKey, 0, len(keys))
 	vs := make([]bpf.RedirectRouteValue, 0, len(vals))
 	for pass := range 2 {

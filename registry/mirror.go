@@ -68,9 +68,14 @@ type Mirror struct {
 	now func() time.Time
 
 	mu      sync.RWMutex
-	entries map[netip.AddrPort]map[string]mirrorEntry // target -> ps id -> entry
+	entries map[netip.AddrPort][]psEntry // target -> its entries, by PS id
 	leases  map[string]PSLease
 	byPS    map[string]map[netip.AddrPort]struct{}
+	// entryCount is how many entries (backends) entries holds in all.
+	entryCount int
+	// names interns the PS and agent ids of entries (see internLocked);
+	// each full load starts it afresh.
+	names map[string]string
 	// seen is what the sink was last told about each PS's backends; only a
 	// change of it (not a mere renewal) makes the mirror touch that PS's routes.
 	seen map[string]psView
@@ -128,7 +133,8 @@ func NewMirror(cfg MirrorConfig) (*Mirror, error) {
 	}
 	m := &Mirror{
 		cfg: cfg, log: cfg.Logger, now: cfg.Now,
-		entries: map[netip.AddrPort]map[string]mirrorEntry{},
+		entries: map[netip.AddrPort][]psEntry{},
+		names:   map[string]string{},
 		leases:  map[string]PSLease{},
 		byPS:    map[string]map[netip.AddrPort]struct{}{},
 		seen:    map[string]psView{},
