@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tether-net/tether/agent"
 	"github.com/tether-net/tether/internal/testutil"
 	"github.com/tether-net/tether/internal/tunneltest"
@@ -55,10 +57,75 @@ func sumOf(r io.Reader) string {
 // PS, and through each one an HTTP GET, a 50 MB download, a 50 MB upload
 // answered after the client's half-close, all reach the agent's servers
 // intact.
+//
+// It runs once per data path: every client connection over the tunnel's
+// streams (mux), then every one over pooled data connections (pool).
 func TestTwoPSOneAgentCarryTraffic(t *testing.T) {
+	forEachDataPath(t, testTwoPSOneAgentCarryTraffic)
+}
+
+// dataPath is one way the PS carries client connections, for tests that
+// must hold on both: opt configures a PS for it (and gives it a metrics
+// registry), ready waits until the path is usable (the agent's pool has
+// idle connections on every PS), and check, after the test, that every
+// client connection took it.
+type dataPath struct {
+	name string
+	pss  []*prometheus.Registry
+}
+
+func (d *dataPath) opt(c *ps.Config) {
+	c.DataPath = d.name
+	reg := prometheus.NewRegistry()
+	c.Registerer = reg
+	d.pss = append(d.pss, reg)
+}
+
+func (d *dataPath) ready(t *testing.T) {
+	t.Helper()
+	if d.name != ps.DataPathPool {
+		return
+	}
+	testutil.Eventually(t, 10*time.Second, "the agent's pooled data connections on every PS", func() error {
+		for i, reg := range d.pss {
+			if testutil.MetricValue(t, reg, "tether_ps_pool_idle") < 1 {
+				return fmt.Errorf("ps %d holds no idle data connection", i+1)
+			}
+		}
+		return nil
+	})
+}
+
+func (d *dataPath) check(t *testing.T) {
+	t.Helper()
+	other := ps.DataPathMux
+	if d.name == ps.DataPathMux {
+		other = ps.DataPathPool
+	}
+	var took, strayed float64
+	for _, reg := range d.pss {
+		took += testutil.MetricValue(t, reg, "tether_ps_data_path_total", "path", d.name)
+		strayed += testutil.MetricValue(t, reg, "tether_ps_data_path_total", "path", other)
+	}
+	if took == 0 || strayed != 0 {
+		t.Fatalf("client connections by path: %s %v, %s %v; want all on %s", d.name, took, other, strayed, d.name)
+	}
+}
+
+func forEachDataPath(t *testing.T, f func(*testing.T, *dataPath)) {
+	for _, name := range []string{ps.DataPathMux, ps.DataPathPool} {
+		t.Run(name, func(t *testing.T) {
+			d := &dataPath{name: name}
+			f(t, d)
+			d.check(t)
+		})
+	}
+}
+
+func testTwoPSOneAgentCarryTraffic(t *testing.T, path *dataPath) {
 	rd := testutil.StartRedis(t)
-	ps1 := tunneltest.StartPS(t, rd.URL(), "ps1", nil)
-	ps2 := tunneltest.StartPS(t, rd.URL(), "ps2", nil)
+	ps1 := tunneltest.StartPS(t, rd.URL(), "ps1", path.opt)
+	ps2 := tunneltest.StartPS(t, rd.URL(), "ps2", path.opt)
 	reg := tunneltest.NewRegistry(t, rd.URL())
 
 	httpLn, err := net.Listen("tcp", "127.0.0.1:0")
@@ -83,10 +150,14 @@ func TestTwoPSOneAgentCarryTraffic(t *testing.T) {
 	dl := tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort(ip+":9200"), 2)
 	ul := tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort(ip+":9300"), 2)
 	wantDownload := sumOf(io.LimitReader(prng(7), bulkSize))
+	path.ready(t)
 
 	for i := range 2 {
 		t.Run(web[i].PSID, func(t *testing.T) {
-			resp, err := (&http.Client{Timeout: 10 * time.Second}).Get("http://" + web[i].Address.String() + "/x")
+			// No kept-alive connection may outlive the request: the agent's
+			// stop would wait its drain timeout for it.
+			hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+			resp, err := hc.Get("http://" + web[i].Address.String() + "/x")
 			if err != nil {
 				t.Fatalf("GET: %v", err)
 			}
@@ -261,12 +332,17 @@ func TestRefusedEndpointIsRetried(t *testing.T) {
 // When the agent cannot dial the local target, the client of the PS port
 // gets a reset, not an empty answer that looks like success.
 func TestDialErrorResetsTheClient(t *testing.T) {
+	forEachDataPath(t, testDialErrorResetsTheClient)
+}
+
+func testDialErrorResetsTheClient(t *testing.T, path *dataPath) {
 	rd := testutil.StartRedis(t)
 	reg := tunneltest.NewRegistry(t, rd.URL())
-	ps := tunneltest.StartPS(t, rd.URL(), "ps1", nil)
+	node := tunneltest.StartPS(t, rd.URL(), "ps1", path.opt)
 	dead := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
-	tunneltest.StartAgent(t, "a1", "127.77.0.21", []string{ps.Addr}, []string{"9100=" + dead}, func(c *agent.Config) { c.Tunnels = 1 })
+	tunneltest.StartAgent(t, "a1", "127.77.0.21", []string{node.Addr}, []string{"9100=" + dead}, func(c *agent.Config) { c.Tunnels = 1 })
 	be := tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort("127.77.0.21:9100"), 1)[0]
+	path.ready(t)
 	c, err := net.Dial("tcp", be.Address.String())
 	if err == nil {
 		defer c.Close()

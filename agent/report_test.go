@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -41,10 +42,22 @@ func backendPS(reg *registry.Registry, target netip.AddrPort) (map[string]netip.
 // tunnel through the other one, whose PS drops the dead PS's backend from
 // the registry at once, long before the dead PS's lease (5 s) runs out;
 // the surviving backend is untouched.
+//
+// It runs once per data path; a client connection held through the killed
+// PS (on a pooled data connection in the pool run) fails at once, not
+// after a timeout.
 func TestKill9OfAPSIsReportedThroughTheOtherTunnel(t *testing.T) {
+	forEachDataPath(t, testKill9OfAPSIsReportedThroughTheOtherTunnel)
+}
+
+func testKill9OfAPSIsReportedThroughTheOtherTunnel(t *testing.T, path *dataPath) {
 	rd := testutil.StartRedis(t)
 	psMetrics := prometheus.NewRegistry()
-	psA := tunneltest.StartPS(t, rd.URL(), "ps-a", func(c *ps.Config) { c.Registerer = psMetrics })
+	psA := tunneltest.StartPS(t, rd.URL(), "ps-a", func(c *ps.Config) {
+		c.DataPath = path.name
+		c.Registerer = psMetrics
+		path.pss = append(path.pss, psMetrics)
+	})
 	bin, err := testutil.BuildTether(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -53,16 +66,41 @@ func TestKill9OfAPSIsReportedThroughTheOtherTunnel(t *testing.T) {
 	psB := testutil.StartProc(t, "ps ps-b", nil, bin, "--log-level", "debug", "ps", "--id", "ps-b",
 		"--listen", listenB, "--advertise", "127.0.0.1", "--ports", tunneltest.FreeRange(t, 20), "--redis", rd.URL(),
 		"--token-file", tunneltest.WriteTokens(t, tunneltest.Token+" * "+tunneltest.AgentRange+"\n"),
-		"--agent-cidrs", tunneltest.AgentRange)
+		"--agent-cidrs", tunneltest.AgentRange, "--data-path", path.name, "--pool-listen", "127.0.0.1:0", "--data-plane", "listeners")
 	testutil.WaitTCP(t, listenB, 10*time.Second)
 
 	svc := tunneltest.IdentityServer(t, "svc")
 	agentMetrics := prometheus.NewRegistry()
-	_, alog, _ := tunneltest.StartAgent(t, "a-kill", "127.77.3.1", []string{psA.Addr, listenB}, []string{"9100=" + svc},
+	_, alog, _ := tunneltest.StartAgent(t, "a-kill", "127.77.3.1", []string{psA.Addr, listenB}, []string{"9100=" + svc, "9200=" + echoLines(t)},
 		func(c *agent.Config) { c.Registerer = agentMetrics })
 	target := netip.MustParseAddrPort("127.77.3.1:9100")
 	reg := tunneltest.NewRegistry(t, rd.URL())
 	tunneltest.WaitBackends(t, reg, target, 2)
+	echoB := tunneltest.WaitBackends(t, reg, netip.MustParseAddrPort("127.77.3.1:9200"), 2)
+	path.ready(t)
+	if path.name == ps.DataPathPool {
+		testutil.Eventually(t, 10*time.Second, "the agent's pool on both PS nodes", func() error {
+			if v := testutil.MetricValue(t, agentMetrics, "tether_agent_pool_idle"); v < 2 {
+				return fmt.Errorf("%v idle data connections", v)
+			}
+			return nil
+		})
+	}
+	var heldAddr netip.AddrPort
+	for _, b := range echoB {
+		if b.PSID == "ps-b" {
+			heldAddr = b.Address
+		}
+	}
+	held, err := net.Dial("tcp", heldAddr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	heldR := bufio.NewReader(held)
+	if err := roundTrip(held, heldR, "before"); err != nil {
+		t.Fatalf("held connection through ps-b: %v", err)
+	}
 	// The control channel opens right after the Welcome.
 	testutil.Eventually(t, 5*time.Second, "ps-a's control channel to the agent", func() error {
 		if !strings.Contains(psA.Log.String(), "control channel open") {
@@ -77,6 +115,12 @@ func TestKill9OfAPSIsReportedThroughTheOtherTunnel(t *testing.T) {
 
 	killed := time.Now()
 	psB.Kill()
+	// The held connection's client socket was ps-b's: the kernel resets
+	// or closes it when the process dies.
+	_ = held.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := heldR.ReadString('\n'); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("a connection held through the killed PS: read %v, want it ended at once", err)
+	}
 	var gone time.Duration
 	for {
 		now, err := backendPS(reg, target)
