@@ -27,7 +27,7 @@ import (
 
 // The data paths --data-path names.
 const (
-	DataPathAuto = "auto" // an idle data connection when there is one, else the tunnel
+	DataPathAuto = "auto" // an idle data connection when there is one (plain TCP tunnels only), else the tunnel
 	DataPathPool = "pool" // wait up to --pool-wait for a data connection, then the tunnel
 	DataPathMux  = "mux"  // the tunnel only: no pool is offered
 )
@@ -448,6 +448,13 @@ func (h *controlHandler) JoinPool(ctx context.Context) (*tunnel.PoolGrant, tunne
 	switch {
 	case p.cfg.DataPath == DataPathMux:
 		return nil, tunnel.Ack{Code: tunnel.CodeUnavailable, Reason: "data path is mux"}
+	case p.cfg.DataPath == DataPathAuto && p.tls != nil:
+		// Measured (test/bench/paths): under TLS a pooled connection costs
+		// a TLS handshake per client connection and moves bytes with a
+		// user-space copy, as the tunnel does (Go has no kernel TLS): 0.31x
+		// the tunnel's connect+request+close and ~1.1x its bulk. auto
+		// pools where the splice pays, plain TCP; pool forces it.
+		return nil, tunnel.Ack{Code: tunnel.CodeUnavailable, Reason: "data path auto uses the tunnel under TLS (--data-path pool to pool anyway)"}
 	case p.poolAddr() == (netip.AddrPort{}):
 		return nil, tunnel.Ack{Code: tunnel.CodeUnavailable, Reason: "no pool listener (--pool-listen is empty)"}
 	case p.draining.Load():

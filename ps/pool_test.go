@@ -382,6 +382,7 @@ func TestDataConnectionOfAnotherAgentIsRefused(t *testing.T) {
 	pk := tunneltest.NewPKI(t)
 	node, _ := startPoolPS(t, rd.URL(), func(c *ps.Config) {
 		c.TLSCert, c.TLSKey, c.TLSCA = pk.ServerCert, pk.ServerKey, pk.CA
+		c.DataPath = ps.DataPathPool // auto does not pool under TLS (see TestAutoDoesNotPoolUnderTLS)
 	})
 	agentTLS := func(id string) *tls.Config {
 		cert, key := pk.Agent(t, id)
@@ -478,4 +479,57 @@ func TestRealAgentUsesThePool(t *testing.T) {
 	waitMetric(t, metrics, 10, "tether_ps_data_path_total", "path", "pool")
 	// The agent refills the pool ahead of demand.
 	waitMetric(t, metrics, 4, "tether_ps_pool_idle")
+}
+
+// --data-path auto pools only plain tunnels: under TLS a pooled connection
+// costs a handshake per client connection and copies in user space like
+// the tunnel (test/bench/paths), so the join is refused with the reason.
+func TestAutoDoesNotPoolUnderTLS(t *testing.T) {
+	rd := testutil.StartRedis(t)
+	pk := tunneltest.NewPKI(t)
+	node, _ := startPoolPS(t, rd.URL(), func(c *ps.Config) {
+		c.TLSCert, c.TLSKey, c.TLSCA = pk.ServerCert, pk.ServerKey, pk.CA
+		c.DataPath = ps.DataPathAuto
+	})
+	cert, key := pk.Agent(t, "a1")
+	cfg, err := tunnel.ClientTLSConfig(tunnel.TLSFiles{Cert: cert, Key: key, CA: pk.CA}, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := netip.MustParseAddrPort("127.77.6.7:9100")
+	c, err := net.Dial("tcp", node.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := tunnel.Handshake(context.Background(), c, &tunnel.Hello{AgentID: "a1", AgentIP: ep.Addr(), Epoch: 1, Endpoints: []netip.AddrPort{ep}, Token: tunneltest.Token},
+		tunnel.ClientConfig{TLS: cfg, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close()
+	go func() {
+		for {
+			in, err := sess.Accept(context.Background())
+			if err != nil {
+				return
+			}
+			// ReadHeader takes the control stream over; others are not
+			// this test's business.
+			if _, err := in.ReadHeader(time.Second); err == nil {
+				in.Abort()
+			}
+		}
+	}()
+	testutil.Eventually(t, 5*time.Second, "control channel", func() error {
+		if sess.Control() == nil {
+			return errors.New("not open")
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	g, err := sess.Control().JoinPool(ctx)
+	if !errors.Is(err, tunnel.ErrNoPool) || g != nil || !strings.Contains(err.Error(), "under TLS") {
+		t.Fatalf("join with --data-path auto under TLS: %+v, %v; want ErrNoPool naming TLS", g, err)
+	}
 }

@@ -52,7 +52,10 @@ func ClientTLSConfig(f TLSFiles, serverName string) (*tls.Config, error) {
 	if !f.Enabled() {
 		return nil, nil
 	}
-	c := &tls.Config{ServerName: serverName, MinVersion: tls.VersionTLS12}
+	// A session cache lets the agent's pooled data connections (one per
+	// client connection, tunnel/data.go) resume TLS sessions instead of
+	// running a full handshake with certificate checks each time.
+	c := &tls.Config{ServerName: serverName, MinVersion: tls.VersionTLS12, ClientSessionCache: tls.NewLRUClientSessionCache(256)}
 	if (f.Cert == "") != (f.Key == "") {
 		return nil, errors.New("tls: --tls-cert and --tls-key go together")
 	}
