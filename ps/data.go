@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/tether-net/tether/internal/relay"
@@ -115,9 +116,21 @@ func (p *PS) carryPooled(s *psSession, h tunnel.StreamHeader, c net.Conn) bool {
 		if dc == nil {
 			return false
 		}
-		err := tunnel.OpenData(dc.conn, h, OpenTimeout)
+		// The agent answers after its dial of the target, which its own
+		// --dial-timeout bounds: wait as long as the stream path does. A
+		// dead connection fails at once (RST, EOF, or its session's end
+		// closing it), never by this timeout.
+		err := tunnel.OpenData(dc.conn, h, tunnel.StatusTimeout)
 		var se *tunnel.StreamError
 		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// Alive but silent: retrying would dial the target again.
+			p.m.dataPath.WithLabelValues(DataPathPool).Inc()
+			p.m.streamErrors.WithLabelValues("open_failed").Inc()
+			s.log.Debug("pooled data connection: no status in time", "target", h.Target.String(), "timeout", tunnel.StatusTimeout)
+			_ = dc.raw.Close()
+			reset(c)
+			return true
 		case err == nil:
 			p.m.dataPath.WithLabelValues(DataPathPool).Inc()
 			_, _, err = relay.Splice(c, dc.conn, relay.Options{
