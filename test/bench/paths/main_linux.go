@@ -120,8 +120,8 @@ func (c *column) cpuSeconds() (float64, error) {
 func (c *column) logs() string {
 	var b strings.Builder
 	for _, p := range c.procs {
-		fmt.Fprintf(&b, "\n--- %s (pid %d) log:\n%s", p.name, p.pid(), p.logTail())
-		if err := p.exited(); err != nil {
+		fmt.Fprintf(&b, "\n--- %s (pid %d) log:\n%s", p.Name, p.Pid(), p.LogTail())
+		if err := p.Exited(); err != nil {
 			b.WriteString("\n(exited)")
 		}
 	}
@@ -223,7 +223,7 @@ func run(cfg config, chk *benchutil.Checks) error {
 	defer func() {
 		for _, c := range cols {
 			for _, p := range c.procs {
-				p.stop(5 * time.Second)
+				p.Stop(5 * time.Second)
 			}
 		}
 	}()
@@ -241,7 +241,7 @@ func run(cfg config, chk *benchutil.Checks) error {
 			}
 		}
 		if c.ps != nil {
-			if c.before, err = scrape(c.ps.metrics); err != nil {
+			if c.before, err = scrape(c.ps.Metrics); err != nil {
 				return fmt.Errorf("%s: metrics: %w", c.name, err)
 			}
 		}
@@ -464,7 +464,7 @@ func checkPaths(cols []*column, chk *benchutil.Checks) error {
 		if c.ps == nil {
 			continue
 		}
-		after, err := scrape(c.ps.metrics)
+		after, err := scrape(c.ps.Metrics)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: metrics: %w", c.name, err))
 			continue

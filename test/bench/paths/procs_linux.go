@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/tether-net/tether/registry"
@@ -24,86 +23,17 @@ import (
 // ---- processes ------------------------------------------------------------------
 
 // process is a proxy process this run started (tether ps or agent, frps
-// or frpc), with its metrics address (tether only) and its log file.
-type process struct {
-	name    string
-	cmd     *exec.Cmd
-	metrics string
-	logPath string
-	done    chan struct{}
-	err     error
-}
+// or frpc); it adds CPU accounting to benchutil's.
+type process struct{ *benchutil.Process }
 
-// startProcess starts bin with args, its output in a log file of dir. It
-// dies with this process (Pdeathsig), so an interrupted run leaves nothing.
+// startProcess starts bin with args, its output in a log file of dir (see
+// benchutil.StartProcess).
 func startProcess(ctx context.Context, dir, name, bin string, args ...string) (*process, error) {
-	logPath := filepath.Join(dir, name+".log")
-	f, err := os.Create(logPath)
+	bp, err := benchutil.StartProcess(ctx, dir, name, bin, args...)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close() // the child has its own descriptor
-	cmd := exec.CommandContext(ctx, bin, args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
-	go func() { p.err = cmd.Wait(); close(p.done) }()
-	return p, nil
-}
-
-func (p *process) pid() int { return p.cmd.Process.Pid }
-
-// exited returns an error when the process has exited.
-func (p *process) exited() error {
-	select {
-	case <-p.done:
-		return fmt.Errorf("%s exited: %v\n%s", p.name, p.err, p.logTail())
-	default:
-		return nil
-	}
-}
-
-// waitReady waits until the process's /readyz answers 200.
-func (p *process) waitReady(timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		resp, err := http.Get("http://" + p.metrics + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		if err := p.exited(); err != nil {
-			return err
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after %v\n%s", p.name, timeout, p.logTail())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// stop sends SIGTERM and, after grace, SIGKILL (this process's own child,
-// by its pid); it waits for the exit.
-func (p *process) stop(grace time.Duration) {
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(grace):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
-}
-
-// logTail is the end of the process's log, for an error message.
-func (p *process) logTail() string {
-	b, _ := os.ReadFile(p.logPath)
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return strings.Join(lines[max(0, len(lines)-20):], "\n")
+	return &process{bp}, nil
 }
 
 // clockTicks is USER_HZ, the unit of utime and stime in /proc/PID/stat:
@@ -113,24 +43,24 @@ const clockTicks = 100
 // cpuSeconds is the CPU time (user + system, all threads) the process has
 // used so far, from /proc/PID/stat.
 func (p *process) cpuSeconds() (float64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.pid()))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.Pid()))
 	if err != nil {
-		return 0, fmt.Errorf("%s: %w", p.name, err)
+		return 0, fmt.Errorf("%s: %w", p.Name, err)
 	}
 	// The command name (field 2) may hold spaces: count fields after it.
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("%s: /proc/%d/stat: no command name", p.name, p.pid())
+		return 0, fmt.Errorf("%s: /proc/%d/stat: no command name", p.Name, p.Pid())
 	}
 	f := strings.Fields(s[i+1:]) // f[0] is field 3 (state)
 	if len(f) < 13 {
-		return 0, fmt.Errorf("%s: /proc/%d/stat: %d fields", p.name, p.pid(), len(f)+2)
+		return 0, fmt.Errorf("%s: /proc/%d/stat: %d fields", p.Name, p.Pid(), len(f)+2)
 	}
 	utime, err1 := strconv.ParseUint(f[11], 10, 64) // field 14
 	stime, err2 := strconv.ParseUint(f[12], 10, 64) // field 15
 	if err := errors.Join(err1, err2); err != nil {
-		return 0, fmt.Errorf("%s: /proc/%d/stat: %w", p.name, p.pid(), err)
+		return 0, fmt.Errorf("%s: /proc/%d/stat: %w", p.Name, p.Pid(), err)
 	}
 	return float64(utime+stime) / clockTicks, nil
 }
@@ -248,18 +178,18 @@ func (t *tetherSetup) startTether(ctx context.Context, col *column, index int, d
 	if err != nil {
 		return err
 	}
-	psProc.metrics = psMetrics
+	psProc.Metrics = psMetrics
 	col.procs = append(col.procs, psProc)
-	if err := psProc.waitReady(30 * time.Second); err != nil {
+	if err := psProc.WaitReady(30 * time.Second); err != nil {
 		return err
 	}
 	agentProc, err := startProcess(ctx, t.dir, "agent-"+id, t.bin, agentArgs...)
 	if err != nil {
 		return err
 	}
-	agentProc.metrics = agentMetrics
+	agentProc.Metrics = agentMetrics
 	col.procs = append(col.procs, agentProc)
-	if err := agentProc.waitReady(30 * time.Second); err != nil {
+	if err := agentProc.WaitReady(30 * time.Second); err != nil {
 		return err
 	}
 	col.ps = psProc
@@ -359,11 +289,11 @@ func startFRP(ctx context.Context, dir, frpDir string, col *column, direct servi
 		if err == nil {
 			break
 		}
-		if e := errors.Join(frps.exited(), frpc.exited()); e != nil {
+		if e := errors.Join(frps.Exited(), frpc.Exited()); e != nil {
 			return e
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s: the rpc proxy did not answer: %v\n%s", col.name, err, frpc.logTail())
+			return fmt.Errorf("%s: the rpc proxy did not answer: %v\n%s", col.name, err, frpc.LogTail())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -385,11 +315,11 @@ func waitDial(p *process, addr string, timeout time.Duration) error {
 			c.Close()
 			return nil
 		}
-		if err := p.exited(); err != nil {
+		if err := p.Exited(); err != nil {
 			return err
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s: %s does not accept after %v: %v\n%s", p.name, addr, timeout, err, p.logTail())
+			return fmt.Errorf("%s: %s does not accept after %v: %v\n%s", p.Name, addr, timeout, err, p.LogTail())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -35,7 +35,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
@@ -201,7 +200,7 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer node.stop(20 * time.Second)
+	defer node.Stop(20 * time.Second)
 	rdb, err := registry.New(registry.Config{URL: b.redisURL, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return nil, err
@@ -209,15 +208,15 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 	defer rdb.Close()
 
 	res := &scaleResult{endpoints: total}
-	if res.fdLimit, err = openFileLimit(node.pid()); err != nil {
+	if res.fdLimit, err = openFileLimit(node.Pid()); err != nil {
 		return nil, err
 	}
 	b.chk.True(res.fdLimit <= cfg.fdLimit, "the PS's open-file limit is %d, want at most %d", res.fdLimit, cfg.fdLimit)
-	if res.rssBefore, err = settledRSS(ctx, node.pid()); err != nil {
+	if res.rssBefore, err = settledRSS(ctx, node.Pid()); err != nil {
 		return nil, err
 	}
-	res.fdsBefore, _ = openFDs(node.pid())
-	before, err := scrape(node.metrics)
+	res.fdsBefore, _ = openFDs(node.Pid())
+	before, err := scrape(node.Metrics)
 	if err != nil {
 		return nil, err
 	}
@@ -255,22 +254,22 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 		if err == nil && int(n) == total {
 			break
 		}
-		if err := node.exited(); err != nil {
+		if err := node.Exited(); err != nil {
 			return nil, err
 		}
 		if time.Since(start) > cfg.timeout {
-			return nil, fmt.Errorf("after %v, %d of %d routes are in Redis (%v)\n%s", cfg.timeout, n, total, err, node.logTail())
+			return nil, fmt.Errorf("after %v, %d of %d routes are in Redis (%v)\n%s", cfg.timeout, n, total, err, node.LogTail())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	res.took = time.Since(start)
 	fmt.Printf("registration: %d endpoints of %d agents in Redis after %v = %.0f endpoints/s\n", total, cfg.agents, res.took.Round(time.Millisecond), float64(total)/res.took.Seconds())
 
-	if res.rssAfter, err = settledRSS(ctx, node.pid()); err != nil {
+	if res.rssAfter, err = settledRSS(ctx, node.Pid()); err != nil {
 		return nil, err
 	}
-	res.fdsAfter, _ = openFDs(node.pid())
-	after, err := scrape(node.metrics)
+	res.fdsAfter, _ = openFDs(node.Pid())
+	after, err := scrape(node.Metrics)
 	if err != nil {
 		return nil, err
 	}
@@ -439,7 +438,7 @@ func (b *bench) redirectorSync(ctx context.Context, want, mapSize int) (time.Dur
 	if err != nil {
 		return 0, 0, err
 	}
-	defer rd.stop(10 * time.Second)
+	defer rd.Stop(10 * time.Second)
 	var got float64
 	var up time.Duration // start -> metrics answering: the process up, its programs installed
 	for {
@@ -454,11 +453,11 @@ func (b *bench) redirectorSync(ctx context.Context, want, mapSize int) (time.Dur
 				break
 			}
 		}
-		if err := rd.exited(); err != nil {
+		if err := rd.Exited(); err != nil {
 			return 0, 0, err
 		}
 		if time.Since(start) > b.cfg.timeout {
-			return 0, 0, fmt.Errorf("after %v its map holds %.0f of %d routes\n%s", b.cfg.timeout, got, want, rd.logTail())
+			return 0, 0, fmt.Errorf("after %v its map holds %.0f of %d routes\n%s", b.cfg.timeout, got, want, rd.LogTail())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -493,7 +492,7 @@ func (b *bench) registrationLatency(ctx context.Context) (*latencyResult, error)
 	if err != nil {
 		return nil, err
 	}
-	defer node.stop(10 * time.Second)
+	defer node.Stop(10 * time.Second)
 	res := &latencyResult{}
 	seq := 0
 	small := func() (time.Duration, error) {
@@ -591,15 +590,11 @@ func (b *bench) checkAccepted(h *tunnel.Hello, w *tunnel.Welcome) error {
 
 // ---- processes ------------------------------------------------------------------
 
-// process is a tether process this run started, with its metrics address
-// and its log file.
+// process is a tether process this run started (benchutil's), and a
+// PS's tunnel listener.
 type process struct {
-	cmd     *exec.Cmd
-	metrics string
-	tunnel  string // a PS's tunnel listener
-	logPath string
-	done    chan struct{}
-	err     error
+	*benchutil.Process
+	tunnel string // a PS's tunnel listener
 }
 
 // startPS starts a `tether ps` process with the sk_lookup data plane on
@@ -635,17 +630,17 @@ func (b *bench) startPS(ctx context.Context, id string, addrs []string, first, p
 	// Soft and hard: the Go runtime raises its soft limit to the hard one
 	// at start.
 	lim := unix.Rlimit{Cur: b.cfg.fdLimit, Max: b.cfg.fdLimit}
-	if err := unix.Prlimit(p.pid(), unix.RLIMIT_NOFILE, &lim, nil); err != nil {
-		p.stop(time.Second)
+	if err := unix.Prlimit(p.Pid(), unix.RLIMIT_NOFILE, &lim, nil); err != nil {
+		p.Stop(time.Second)
 		return nil, fmt.Errorf("set the open-file limit of %s to %d: %w", id, b.cfg.fdLimit, err)
 	}
-	if err := p.waitReady(30 * time.Second); err != nil {
-		p.stop(time.Second)
+	if err := p.WaitReady(30 * time.Second); err != nil {
+		p.Stop(time.Second)
 		return nil, fmt.Errorf("%s: %w", id, err)
 	}
 	m, err := scrape(metrics)
 	if err != nil {
-		p.stop(time.Second)
+		p.Stop(time.Second)
 		return nil, err
 	}
 	b.chk.Equal(id+" runs the sk_lookup data plane (tether_ps_data_plane)", int(m[`tether_ps_data_plane{plane="sk_lookup"}`]), 1)
@@ -653,74 +648,14 @@ func (b *bench) startPS(ctx context.Context, id string, addrs []string, first, p
 }
 
 // startProcess starts the tether binary with args, its output in a log
-// file of the run's temporary directory. It dies with this process.
+// file of the run's temporary directory (see benchutil.StartProcess).
 func (b *bench) startProcess(ctx context.Context, name, metrics string, args ...string) (*process, error) {
-	logPath := filepath.Join(b.tmp, name+".log")
-	f, err := os.Create(logPath)
+	bp, err := benchutil.StartProcess(ctx, b.tmp, name, b.bin, args...)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close() // the child has its own descriptor
-	cmd := exec.CommandContext(ctx, b.bin, args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start tether %s: %w", args[0], err)
-	}
-	p := &process{cmd: cmd, metrics: metrics, logPath: logPath, done: make(chan struct{})}
-	go func() { p.err = cmd.Wait(); close(p.done) }()
-	return p, nil
-}
-
-func (p *process) pid() int { return p.cmd.Process.Pid }
-
-// exited returns an error when the process has exited.
-func (p *process) exited() error {
-	select {
-	case <-p.done:
-		return fmt.Errorf("tether %s exited: %v\n%s", p.cmd.Args[1], p.err, p.logTail())
-	default:
-		return nil
-	}
-}
-
-// waitReady waits until the process's /readyz answers 200.
-func (p *process) waitReady(timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		resp, err := http.Get("http://" + p.metrics + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		if err := p.exited(); err != nil {
-			return err
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not ready after %v\n%s", timeout, p.logTail())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// stop sends SIGTERM and, after grace, SIGKILL; it waits for the exit.
-func (p *process) stop(grace time.Duration) {
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(grace):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
-}
-
-// logTail is the end of the process's log, for an error message.
-func (p *process) logTail() string {
-	b, _ := os.ReadFile(p.logPath)
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return strings.Join(lines[max(0, len(lines)-20):], "\n")
+	bp.Metrics = metrics
+	return &process{Process: bp}, nil
 }
 
 // ---- reading processes and Redis -------------------------------------------------
