@@ -102,21 +102,7 @@ func (p *listenerPlane) Open(at netip.AddrPort) error {
 
 func (p *listenerPlane) serve(at netip.AddrPort, pl *portListener) {
 	defer p.wg.Done()
-	var delay time.Duration
-	for {
-		c, err := pl.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of file descriptors and the like: back off briefly
-			// instead of spinning, as net/http does.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept failed", "at", at.String(), "err", err, "retry_in", delay)
-			time.Sleep(delay)
-			continue
-		}
-		delay = 0
+	acceptEach(pl.ln, p.log, "accept", func(c net.Conn) {
 		load := connLoad{pair: pl.active.Add(1), total: p.active.Add(1)}
 		go func() {
 			defer func() {
@@ -125,7 +111,7 @@ func (p *listenerPlane) serve(at netip.AddrPort, pl *portListener) {
 			}()
 			p.handler(at, c, load)
 		}()
-	}
+	}, "at", at.String())
 }
 
 func (p *listenerPlane) Release(at netip.AddrPort) {
@@ -171,4 +157,26 @@ func (p *PS) newDataPlane(capacity int) (dataPlane, error) {
 	}
 	p.log.Warn("data plane: sk_lookup unavailable, falling back to a listening socket per port (each endpoint costs a file descriptor)", "reason", err.Error())
 	return newListenerPlane(p.handleConn, p.log, saveSYN), nil
+}
+
+// acceptEach hands every connection ln accepts to each, until ln is
+// closed. A failed accept (out of file descriptors and the like) is logged
+// with what (plus attrs) and retried after a back-off that doubles up to a
+// second, as net/http does, instead of spinning.
+func acceptEach(ln net.Listener, log *slog.Logger, what string, each func(net.Conn), attrs ...any) {
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			log.Warn(what+" failed", append(attrs, "err", err, "retry_in", delay)...)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		each(c)
+	}
 }

@@ -310,38 +310,27 @@ func (p *PS) listenPool() (net.Listener, error) {
 
 // acceptData accepts data connections until ln is closed.
 func (p *PS) acceptData(ln net.Listener) error {
-	var delay time.Duration
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept data connection failed", "err", err, "retry_in", delay)
-			time.Sleep(delay)
-			continue
-		}
-		delay = 0
+	acceptEach(ln, p.log, "accept data connection", func(c net.Conn) {
 		source := addrPortOf(c.RemoteAddr()).Addr()
 		if !p.pools.sources.tryAcquire(source) {
 			p.m.poolConns.WithLabelValues(poolRefused).Inc()
 			_ = c.Close()
-			continue
+			return
 		}
 		if p.pools.openings.Add(1) > poolOpenings {
 			p.pools.openings.Add(-1)
 			p.pools.sources.release(source)
 			p.m.poolConns.WithLabelValues(poolRefused).Inc()
 			_ = c.Close()
-			continue
+			return
 		}
 		go func() {
 			defer p.pools.sources.release(source)
 			defer p.pools.openings.Add(-1)
 			p.openData(c.(*net.TCPConn))
 		}()
-	}
+	})
+	return nil
 }
 
 // openData runs a data connection's opening: TLS, magic, version and key

@@ -445,39 +445,28 @@ func (p *PS) start(ctx context.Context) error {
 }
 
 func (p *PS) acceptTunnels(ctx context.Context, ln net.Listener) error {
-	var delay time.Duration
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept tunnel failed", "err", err, "retry_in", delay)
-			time.Sleep(delay)
-			continue
-		}
-		delay = 0
+	acceptEach(ln, p.log, "accept tunnel", func(c net.Conn) {
 		// The source's own limit comes first, so that one host's silent
 		// connections cannot take the slots every other agent needs.
 		source := addrPortOf(c.RemoteAddr()).Addr()
 		if !p.sources.tryAcquire(source) {
 			p.m.handshakes.WithLabelValues("source_busy").Inc()
 			p.refuseBusy(c)
-			continue
+			return
 		}
 		if !p.gate.tryAcquire() {
 			p.sources.release(source)
 			p.m.handshakes.WithLabelValues(tunnel.CodeBusy.String()).Inc()
 			p.refuseBusy(c)
-			continue
+			return
 		}
 		p.conns.Add(1)
 		go func() {
 			defer p.conns.Add(-1)
 			p.serveTunnel(ctx, c, source)
 		}()
-	}
+	})
+	return nil
 }
 
 // refuseBusy answers "busy" without reading the Hello; a bounded number of

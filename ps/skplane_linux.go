@@ -24,7 +24,6 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -253,45 +252,35 @@ func (p *skLookupPlane) Release(at netip.AddrPort) {
 // with its pair, the address and port the client dialed.
 func (p *skLookupPlane) serve(ln net.Listener) {
 	defer p.wg.Done()
-	var delay time.Duration
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of file descriptors and the like: back off briefly
-			// instead of spinning, as net/http does.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept failed", "listener", ln.Addr().String(), "err", err, "retry_in", delay)
-			time.Sleep(delay)
-			continue
-		}
-		delay = 0
-		at := dialedPair(c)
-		if hook := p.claimHook.Load(); hook != nil {
-			(*hook)(at)
-		}
-		p.mu.RLock()
-		pair := p.pairs[at]
-		p.mu.RUnlock()
-		if pair == nil {
-			// Steered while its pair was open, released before we got
-			// here: refuse it as a closed listener would have.
-			p.unclaimed.Add(1)
-			relay.Reset(c)
-			_ = c.Close()
-			continue
-		}
-		load := connLoad{pair: pair.active.Add(1), total: p.active.Add(1)}
-		go func() {
-			defer func() {
-				pair.active.Add(-1)
-				p.active.Add(-1)
-			}()
-			p.handler(at, c, load)
-		}()
+	acceptEach(ln, p.log, "accept", p.claim, "listener", ln.Addr().String())
+}
+
+// claim hands an accepted connection to the handler of the pair it was
+// dialed at, or resets it when that pair is no longer open.
+func (p *skLookupPlane) claim(c net.Conn) {
+	at := dialedPair(c)
+	if hook := p.claimHook.Load(); hook != nil {
+		(*hook)(at)
 	}
+	p.mu.RLock()
+	pair := p.pairs[at]
+	p.mu.RUnlock()
+	if pair == nil {
+		// Steered while its pair was open, released before we got
+		// here: refuse it as a closed listener would have.
+		p.unclaimed.Add(1)
+		relay.Reset(c)
+		_ = c.Close()
+		return
+	}
+	load := connLoad{pair: pair.active.Add(1), total: p.active.Add(1)}
+	go func() {
+		defer func() {
+			pair.active.Add(-1)
+			p.active.Add(-1)
+		}()
+		p.handler(at, c, load)
+	}()
 }
 
 // dialedPair is the (address, port) the client connected to: a steered

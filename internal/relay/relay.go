@@ -79,6 +79,14 @@ func JoinWith(a, b HalfCloser, o Options) (sentAB, sentBA int64, err error) {
 		})
 		defer idle.stop()
 	}
+	return join(a, b, o, idle, pipe)
+}
+
+// join runs move both ways (a to b in a goroutine, b to a here) with the
+// rules JoinWith and Splice share: a failed direction resets and closes
+// both ends unless the idle timer closed them on purpose, both ends are
+// closed on return, and an idle close is reported as ErrIdle.
+func join[C HalfCloser](a, b C, o Options, idle *idleTimer, move func(dst, src C, count Counter, idle *idleTimer) (int64, error)) (sentAB, sentBA int64, err error) {
 	abort := func() {
 		if idle.fired() {
 			return // the ends are closed already, on purpose
@@ -93,13 +101,13 @@ func JoinWith(a, b HalfCloser, o Options) (sentAB, sentBA int64, err error) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		sentAB, errAB = pipe(b, a, o.AToB, idle)
+		sentAB, errAB = move(b, a, o.AToB, idle)
 		if errAB != nil {
 			abort()
 		}
 	}()
 	var errBA error
-	sentBA, errBA = pipe(a, b, o.BToA, idle)
+	sentBA, errBA = move(a, b, o.BToA, idle)
 	if errBA != nil {
 		abort()
 	}

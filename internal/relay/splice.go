@@ -4,7 +4,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"sync"
 	"time"
 )
 
@@ -48,37 +47,7 @@ func Splice(a, b net.Conn, o Options) (sentAB, sentBA int64, err error) {
 		idle.t = time.AfterFunc(o.IdleTimeout, idle.check)
 		defer idle.stop()
 	}
-	abort := func() {
-		if idle.fired() {
-			return // the ends are closed already, on purpose
-		}
-		Reset(ta)
-		Reset(tb)
-		_ = ta.Close()
-		_ = tb.Close()
-	}
-	var wg sync.WaitGroup
-	var errAB error
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		sentAB, errAB = splicePipe(tb, ta, o.AToB, idle)
-		if errAB != nil {
-			abort()
-		}
-	}()
-	var errBA error
-	sentBA, errBA = splicePipe(ta, tb, o.BToA, idle)
-	if errBA != nil {
-		abort()
-	}
-	wg.Wait()
-	_ = ta.Close()
-	_ = tb.Close()
-	if idle.fired() {
-		return sentAB, sentBA, ErrIdle
-	}
-	return sentAB, sentBA, errors.Join(errAB, errBA)
+	return join(ta, tb, o, idle, splicePipe)
 }
 
 // plainTCP returns the TCP connection under c when c is plain TCP.

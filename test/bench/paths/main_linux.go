@@ -241,7 +241,7 @@ func run(cfg config, chk *benchutil.Checks) error {
 			}
 		}
 		if c.ps != nil {
-			if c.before, err = scrape(c.ps.Metrics); err != nil {
+			if c.before, err = benchutil.Scrape(c.ps.Metrics); err != nil {
 				return fmt.Errorf("%s: metrics: %w", c.name, err)
 			}
 		}
@@ -464,7 +464,7 @@ func checkPaths(cols []*column, chk *benchutil.Checks) error {
 		if c.ps == nil {
 			continue
 		}
-		after, err := scrape(c.ps.Metrics)
+		after, err := benchutil.Scrape(c.ps.Metrics)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: metrics: %w", c.name, err))
 			continue

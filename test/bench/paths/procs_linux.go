@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -65,41 +63,6 @@ func (p *process) cpuSeconds() (float64, error) {
 	return float64(utime+stime) / clockTicks, nil
 }
 
-// scrape reads a tether process's /metrics: the value of each sample, keyed
-// by its name with its labels as printed (name{label="v"}).
-func scrape(addr string) (map[string]float64, error) {
-	resp, err := http.Get("http://" + addr + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]float64{}
-	for line := range strings.SplitSeq(string(body), "\n") {
-		i := strings.LastIndexByte(line, ' ')
-		if line == "" || line[0] == '#' || i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out, nil
-}
-
-// freeAddr returns a loopback address with a port free right now.
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
-}
-
 // ---- tether columns ---------------------------------------------------------------
 
 // tetherSetup is what every tether column shares: the binary, Redis, the
@@ -141,10 +104,10 @@ func makePKI(bin, dir string) error {
 // (127.77.0.index), and sets col's addresses to the PS's ports once the
 // registry holds the routes.
 func (t *tetherSetup) startTether(ctx context.Context, col *column, index int, direct services, firstPort int) error {
-	listen, err1 := freeAddr()
-	psMetrics, err2 := freeAddr()
-	agentMetrics, err3 := freeAddr()
-	poolListen, err4 := freeAddr()
+	listen, err1 := benchutil.FreeAddr()
+	psMetrics, err2 := benchutil.FreeAddr()
+	agentMetrics, err3 := benchutil.FreeAddr()
+	poolListen, err4 := benchutil.FreeAddr()
 	if err := errors.Join(err1, err2, err3, err4); err != nil {
 		return err
 	}
@@ -234,7 +197,7 @@ const poolSize = 16
 // nothing leaves the host, and transport.tls.enable = false for the TLS-off
 // column; everything else default (TLS on, tcpMux on).
 func startFRP(ctx context.Context, dir, frpDir string, col *column, direct services) error {
-	bind, err := freeAddr()
+	bind, err := benchutil.FreeAddr()
 	if err != nil {
 		return err
 	}
@@ -255,7 +218,7 @@ func startFRP(ctx context.Context, dir, frpDir string, col *column, direct servi
 		local string
 		dst   *string
 	}{{"up", direct.up, &col.addrs.up}, {"down", direct.down, &col.addrs.down}, {"echo", direct.echo, &col.addrs.echo}, {"rpc", direct.rpc, &col.addrs.rpc}} {
-		r, err := freeAddr()
+		r, err := benchutil.FreeAddr()
 		if err != nil {
 			return err
 		}

@@ -32,7 +32,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -216,7 +215,7 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 		return nil, err
 	}
 	res.fdsBefore, _ = openFDs(node.Pid())
-	before, err := scrape(node.Metrics)
+	before, err := benchutil.Scrape(node.Metrics)
 	if err != nil {
 		return nil, err
 	}
@@ -269,7 +268,7 @@ func (b *bench) scale(ctx context.Context) (*scaleResult, error) {
 		return nil, err
 	}
 	res.fdsAfter, _ = openFDs(node.Pid())
-	after, err := scrape(node.Metrics)
+	after, err := benchutil.Scrape(node.Metrics)
 	if err != nil {
 		return nil, err
 	}
@@ -426,7 +425,7 @@ func (b *bench) redirectorSync(ctx context.Context, want, mapSize int) (time.Dur
 		}
 	}()
 	defer func() { _ = redirector.Uninstall(pin) }()
-	metrics, err := freeAddr()
+	metrics, err := benchutil.FreeAddr()
 	if err != nil {
 		return 0, 0, err
 	}
@@ -442,7 +441,7 @@ func (b *bench) redirectorSync(ctx context.Context, want, mapSize int) (time.Dur
 	var got float64
 	var up time.Duration // start -> metrics answering: the process up, its programs installed
 	for {
-		m, err := scrape(metrics)
+		m, err := benchutil.Scrape(metrics)
 		if err == nil {
 			if up == 0 {
 				up = time.Since(start)
@@ -601,11 +600,11 @@ type process struct {
 // addrs, ports first..first+perAddr-1 on each, its open-file limit at
 // cfg.fdLimit, and waits until it is ready.
 func (b *bench) startPS(ctx context.Context, id string, addrs []string, first, perAddr, credEndpoints int) (*process, error) {
-	listen, err := freeAddr()
+	listen, err := benchutil.FreeAddr()
 	if err != nil {
 		return nil, err
 	}
-	metrics, err := freeAddr()
+	metrics, err := benchutil.FreeAddr()
 	if err != nil {
 		return nil, err
 	}
@@ -638,7 +637,7 @@ func (b *bench) startPS(ctx context.Context, id string, addrs []string, first, p
 		p.Stop(time.Second)
 		return nil, fmt.Errorf("%s: %w", id, err)
 	}
-	m, err := scrape(metrics)
+	m, err := benchutil.Scrape(metrics)
 	if err != nil {
 		p.Stop(time.Second)
 		return nil, err
@@ -740,31 +739,6 @@ func openFDs(pid int) (int, error) {
 	return len(es), err
 }
 
-// scrape reads a process's /metrics: the value of each sample, keyed by
-// its name with its labels as printed (name{label="v"}).
-func scrape(addr string) (map[string]float64, error) {
-	resp, err := http.Get("http://" + addr + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]float64{}
-	for line := range strings.SplitSeq(string(body), "\n") {
-		i := strings.LastIndexByte(line, ' ')
-		if line == "" || line[0] == '#' || i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out, nil
-}
-
 // ---- identity servers -------------------------------------------------------------
 
 // identityServer answers every connection with name and closes it, until
@@ -797,17 +771,6 @@ func ask(addr string) (string, error) {
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 	b, err := io.ReadAll(c)
 	return string(b), err
-}
-
-// freeAddr returns a loopback address with a port free right now (the
-// namespace is this run's: nobody else takes it meanwhile).
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }
 
 // ---- the table ------------------------------------------------------------------
